@@ -1,0 +1,20 @@
+# Adaptive model merging (AdaMerging) workflow. Stages live in workflow/rules/*.smk.
+from snakemake.utils import min_version
+
+min_version("8.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/zoo.smk"
+include: "workflow/rules/merge.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

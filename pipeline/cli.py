@@ -1,0 +1,188 @@
+"""Command line of the pipeline: one verb per workflow step (``python -m pipeline VERB``).
+
+Rules of the Snakemake workflow call these verbs and nothing else; each verb is a thin
+wrapper around one library function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import zlib
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("pipeline")
+
+
+def _json(text: str) -> dict:
+    return json.loads(text)
+
+
+def _threads(n: int) -> None:
+    torch.set_num_threads(max(1, n))
+
+
+def cmd_task_data(a) -> None:
+    import numpy as np
+
+    from pipeline.zoo.synthetic_zoo import build_task_data
+
+    syn = a.zoo["synthetic"]
+    data = build_task_data(a.task, a.zoo["seed"], syn["sizes"], syn["domains"])
+    tmp = Path(a.out).with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **data)
+    tmp.replace(a.out)
+    log.info("task %s: %s", a.task, {k: v.shape for k, v in data.items()})
+
+
+def cmd_pretrain(a) -> None:
+    from pipeline.data.synthetic import vocabulary
+    from pipeline.models.checkpoints import save_state_dict
+    from pipeline.zoo.synthetic_zoo import pretrain, write_json
+
+    cfg = dict(a.zoo["synthetic"]["pretrain"], arch=a.zoo["arch"])
+    model, tokenizer = pretrain(cfg, a.zoo["seed"])
+    write_json({"words": vocabulary(), "context_length": tokenizer.context_length}, Path(a.tokenizer))
+    save_state_dict(model.state_dict(), a.out)
+
+
+def cmd_import_pretrained(a) -> None:
+    from pipeline.models.checkpoints import save_state_dict
+    from pipeline.models.pretrained import load_pretrained_clip
+
+    model, _, _ = load_pretrained_clip(a.zoo["arch"], a.zoo["pretrained"])
+    save_state_dict(model.state_dict(), a.out)
+
+
+def cmd_head(a) -> None:
+    from pipeline.models.clip import zero_shot_weights
+    from pipeline.zoo.store import load_clip, load_tokenizer, save_head
+
+    model = load_clip(a.zoo, a.pretrained)
+    tokenizer = load_tokenizer(a.zoo, Path(a.pretrained).parent)
+    classnames, templates = task_prompts(a.zoo, a.task)
+    save_head(zero_shot_weights(model, tokenizer, classnames, templates), a.out)
+
+
+def task_prompts(zoo: dict, task: str) -> tuple[list[str], list[str]]:
+    """Class names and prompt templates of a task (synthetic catalogue or the paper's datasets)."""
+    if zoo["source"] == "synthetic":
+        from pipeline.data.synthetic import ATTRIBUTES
+
+        if task not in ATTRIBUTES:
+            raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(ATTRIBUTES)}")
+        return ATTRIBUTES[task].classnames, ATTRIBUTES[task].templates
+    from pipeline.data.paper_datasets import classnames, templates
+
+    return classnames(task), templates(task)
+
+
+def cmd_finetune(a) -> None:
+    from pipeline.data.tasks import as_tensors, load_split
+    from pipeline.models.checkpoints import save_state_dict
+    from pipeline.zoo.store import load_clip, load_head
+    from pipeline.zoo.synthetic_zoo import finetune
+
+    model = load_clip(a.zoo, a.pretrained)
+    x, y = as_tensors(load_split(a.zoo, a.task, "train", Path(a.data).parent))
+    seed = a.zoo["seed"] * 100_003 + zlib.crc32(a.task.encode()) % 100_000
+    sd = finetune(model.visual, load_head(a.head), x, y, a.zoo["synthetic"]["finetune"], seed, desc=f"finetune {a.task}")
+    save_state_dict(sd, a.out)
+
+
+def cmd_import_finetuned(a) -> None:
+    from pipeline.models.checkpoints import check_compatible, load_state_dict, save_state_dict
+    from pipeline.zoo.store import load_clip
+
+    source = a.zoo["checkpoints"].format(task=a.task)
+    sd = load_state_dict(source, trust_pickles=a.zoo.get("trust_pickles", False))
+    reference = load_clip(a.zoo, a.pretrained).visual.state_dict()
+    check_compatible(reference, sd, a.pretrained, source)
+    save_state_dict(sd, a.out)
+
+
+def cmd_merge(a) -> None:
+    from pipeline.merging import merge_state_dicts
+    from pipeline.models.checkpoints import save_state_dict
+    from pipeline.zoo.store import load_clip, load_encoder_state
+    from pipeline.zoo.synthetic_zoo import write_json
+
+    pretrained = load_clip(a.zoo, a.pretrained).visual.state_dict()
+    finetuned = [load_encoder_state(p) for p in a.finetuned]
+    settings = _json(a.settings)
+    merged = merge_state_dicts(a.method, pretrained, finetuned, **settings)
+    save_state_dict(merged, a.out)
+    write_json({"method": a.method, "settings": settings, "tasks": a.tasks}, Path(a.out).with_suffix(".json"))
+
+
+def cmd_evaluate(a) -> None:
+    import pandas as pd
+
+    from pipeline.data.tasks import load_split
+    from pipeline.evaluation import accuracy
+    from pipeline.zoo.store import load_clip, load_encoder_state, load_head
+
+    model = load_clip(a.zoo, a.pretrained)
+    encoder = model.visual
+    if a.encoder:
+        encoder.load_state_dict(load_encoder_state(a.encoder))
+    rows = []
+    for task, head in zip(a.tasks, a.heads):
+        data = load_split(a.zoo, task, a.split, a.data_dir)
+        r = accuracy(encoder, load_head(head), data, a.batch_size, desc=f"{a.model} on {task}")
+        rows.append({"model": a.model, "method": a.method, "task": task, "split": a.split, **r})
+        log.info("%s on %s: %.2f%% (n=%d)", a.model, task, r["accuracy"], r["n"])
+    tmp = Path(a.out).with_suffix(".tmp.parquet")
+    pd.DataFrame(rows).to_parquet(tmp, index=False)
+    tmp.replace(a.out)
+
+
+def cmd_report(a) -> None:
+    from pipeline.report import write_report
+
+    benchmarks = sorted(str(p) for p in Path(a.benchmark_dir).glob("*/*.tsv"))
+    write_report(a.eval, _json(a.config), benchmarks, a.zoo, Path(a.markdown), Path(a.html), Path(a.table))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    def verb(name, fn, *args):
+        s = sub.add_parser(name)
+        s.add_argument("--zoo", type=_json, required=True, help="the config's zoo section as JSON")
+        s.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+        for arg in args:
+            s.add_argument(*arg[0], **arg[1])
+        s.set_defaults(fn=fn)
+
+    out = (["--out"], {"required": True})
+    task = (["--task"], {"required": True})
+    pretrained = (["--pretrained"], {"required": True})
+    verb("task-data", cmd_task_data, task, out)
+    verb("pretrain", cmd_pretrain, out, (["--tokenizer"], {"required": True}))
+    verb("import-pretrained", cmd_import_pretrained, out)
+    verb("head", cmd_head, task, pretrained, out)
+    verb("finetune", cmd_finetune, task, pretrained, (["--head"], {"required": True}), (["--data"], {"required": True}), out)
+    verb("import-finetuned", cmd_import_finetuned, task, pretrained, out)
+    verb("merge", cmd_merge, pretrained, (["--method"], {"required": True}), (["--finetuned"], {"nargs": "+", "required": True}),
+         (["--tasks"], {"nargs": "+", "required": True}), (["--settings"], {"default": "{}"}), out)
+    verb("evaluate", cmd_evaluate, pretrained, (["--model"], {"required": True}), (["--method"], {"required": True}),
+         (["--encoder"], {"default": None}), (["--tasks"], {"nargs": "+", "required": True}),
+         (["--heads"], {"nargs": "+", "required": True}), (["--data-dir"], {"required": True}),
+         (["--split"], {"default": "test"}), (["--batch-size"], {"type": int, "default": 512}), out)
+    verb("report", cmd_report, (["--eval"], {"nargs": "+", "required": True}), (["--config"], {"required": True, "help": "the run's config as JSON"}),
+         (["--benchmark-dir"], {"required": True}), (["--markdown"], {"required": True}),
+         (["--html"], {"required": True}), (["--table"], {"required": True}))
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    _threads(args.threads)
+    args.fn(args)

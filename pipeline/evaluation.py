@@ -1,0 +1,25 @@
+"""Top-1 accuracy of an image encoder with a task's zero-shot head on a task split."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline.models.clip import logits
+
+
+@torch.no_grad()
+def accuracy(encoder: nn.Module, head: torch.Tensor, dataset: Dataset, batch_size: int = 512,
+             desc: str = "eval") -> dict[str, float]:
+    """Accuracy (%), number of examples and seconds of one encoder on one dataset."""
+    encoder.eval()
+    start = time.perf_counter()
+    correct = total = 0
+    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc=desc, leave=False, mininterval=2):
+        correct += (logits(encoder(x), head).argmax(1) == y).sum().item()
+        total += len(y)
+    return {"accuracy": 100.0 * correct / max(total, 1), "n": total, "seconds": time.perf_counter() - start}

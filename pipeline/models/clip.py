@@ -1,0 +1,91 @@
+"""open_clip models: the registered tiny synthetic architecture, its word tokenizer,
+zero-shot classification heads and the image classifier used everywhere downstream."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SYNTHETIC_ARCH = "synth-vit-tiny"
+_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def register_configs() -> None:
+    """Make the project's architectures known to ``open_clip.create_model``."""
+    if SYNTHETIC_ARCH not in open_clip.list_models():
+        open_clip.add_model_config(_CONFIG_DIR)
+
+
+class WordTokenizer:
+    """Word-level tokenizer for the synthetic captions, shaped like open_clip's tokenizers.
+
+    Ids: 0 padding, 1..V words, V+1 start, V+2 end. open_clip pools text features at the
+    argmax token id, so the end token has the highest id of any sequence.
+    """
+
+    def __init__(self, vocab: Sequence[str], context_length: int):
+        self.vocab = list(vocab)
+        self.index = {w: i + 1 for i, w in enumerate(self.vocab)}
+        self.sot, self.eot = len(self.vocab) + 1, len(self.vocab) + 2
+        self.context_length = context_length
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for i, text in enumerate(texts):
+            try:
+                ids = [self.sot] + [self.index[w] for w in text.split()] + [self.eot]
+            except KeyError as err:
+                raise ValueError(f"word {err} of {text!r} is not in the synthetic vocabulary") from None
+            if len(ids) > self.context_length:
+                raise ValueError(f"caption {text!r} is longer than context_length={self.context_length}")
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+def create_model(arch: str, seed: int | None = None) -> open_clip.model.CLIP:
+    """A randomly initialised open_clip CLIP of architecture ``arch``."""
+    register_configs()
+    if seed is not None:
+        torch.manual_seed(seed)
+    return open_clip.create_model(arch, pretrained=None)
+
+
+@torch.no_grad()
+def zero_shot_weights(
+    model: open_clip.model.CLIP,
+    tokenizer: Callable[[Sequence[str]], torch.Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+) -> torch.Tensor:
+    """Zero-shot head weights as in the task_vectors code: for each class the normalised mean of
+    the normalised text embeddings of all its prompts, scaled by the model's logit scale."""
+    model.eval()
+    rows = []
+    for name in classnames:
+        emb = model.encode_text(tokenizer([t.format(name) for t in templates]))
+        emb = F.normalize(emb, dim=-1).mean(0)
+        rows.append(F.normalize(emb, dim=-1))
+    return model.logit_scale.exp() * torch.stack(rows)
+
+
+class ImageClassifier(nn.Module):
+    """An image encoder followed by a frozen zero-shot head on normalised features."""
+
+    def __init__(self, encoder: nn.Module, head_weight: torch.Tensor):
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("head", head_weight.detach().clone())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return logits(self.encoder(images), self.head)
+
+
+def logits(features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """Class logits of image features through a zero-shot head."""
+    return F.normalize(features, dim=-1) @ head.t()

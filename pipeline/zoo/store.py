@@ -1,0 +1,47 @@
+"""On-disk layout of a zoo (the same for synthetic and real ones) and its loaders.
+
+    resources/models/{zoo}/pretrained.safetensors      full CLIP state dict
+    resources/models/{zoo}/tokenizer.json              word vocabulary (synthetic zoos only)
+    resources/models/{zoo}/heads/{task}.safetensors    {"weight": (classes, dim)} zero-shot head
+    resources/models/{zoo}/finetuned/{task}.safetensors image-encoder state dict
+    resources/data/{zoo}/{task}.npz                    synthetic task splits (uint8 images)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import torch
+from safetensors.torch import load_file
+
+from pipeline.models.checkpoints import save_state_dict
+from pipeline.models.clip import WordTokenizer, create_model
+
+
+def load_clip(zoo: dict, path: str | Path) -> open_clip.model.CLIP:
+    """The zoo's pretrained CLIP from its saved full state dict."""
+    model = create_model(zoo["arch"])
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def load_tokenizer(zoo: dict, models_dir: str | Path):
+    """The word tokenizer of a synthetic zoo, or open_clip's tokenizer of a real arch."""
+    if zoo["source"] == "synthetic":
+        vocab = json.loads((Path(models_dir) / "tokenizer.json").read_text())
+        return WordTokenizer(vocab["words"], vocab["context_length"])
+    return open_clip.get_tokenizer(zoo["arch"])
+
+
+def load_head(path: str | Path) -> torch.Tensor:
+    return load_file(str(path))["weight"]
+
+
+def save_head(weight: torch.Tensor, path: str | Path) -> None:
+    save_state_dict({"weight": weight}, path)
+
+
+def load_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))

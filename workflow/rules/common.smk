@@ -1,0 +1,83 @@
+import hashlib
+import json
+from pathlib import Path
+
+from snakemake.utils import validate
+
+
+validate(config, "../schemas/config.schema.yaml")
+
+ZOO_CFG = config["zoo"]
+ZOO = ZOO_CFG["name"]
+SOURCE = ZOO_CFG["source"]
+TASKS = list(ZOO_CFG["tasks"])
+HELDOUT = list(ZOO_CFG.get("heldout_tasks", []))
+ALL_TASKS = TASKS + HELDOUT
+THREADS = config.get("threads", 2)
+MODELS = f"resources/models/{ZOO}"
+DATA = f"resources/data/{ZOO}"
+RESULTS = f"results/{ZOO}"
+LOGS = f"logs/{ZOO}"
+BENCH = f"{RESULTS}/benchmarks"
+PIPELINE = Path(workflow.basedir) / "pipeline"
+MERGE_METHODS = ["weight_averaging", "task_arithmetic"]
+
+overlap = sorted(set(TASKS) & set(HELDOUT))
+if overlap:
+    raise ValueError(
+        f"config: zoo.heldout_tasks {overlap} also appear in zoo.tasks; a task is either merged or held out"
+    )
+
+wildcard_constraints:
+    task="|".join(ALL_TASKS),
+    method="|".join(MERGE_METHODS),
+
+
+def code_version(*modules):
+    """Hash of the pipeline modules a rule runs, so that Snakemake's params trigger reruns
+    the rule when its code changes (the code trigger does not see imported modules)."""
+    h = hashlib.sha256()
+    for module in sorted(modules):
+        h.update((PIPELINE / module).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def zoo_json(*sections):
+    """The zoo settings a rule depends on, as JSON: the identity keys plus the named
+    (dotted) sections. Task lists are left out so that adding a task does not change
+    the params of per-task rules."""
+    keep = ["name", "source", "arch", "seed", "trust_pickles", "pretrained", "checkpoints", "data_root"]
+    out = {k: ZOO_CFG[k] for k in keep if k in ZOO_CFG}
+    for section in sections:
+        head, _, tail = section.partition(".")
+        value = ZOO_CFG[head][tail] if tail else ZOO_CFG[head]
+        out.setdefault(head, {})
+        if tail:
+            out[head][tail] = value
+        else:
+            out[head] = value
+    return json.dumps(out, sort_keys=True)
+
+
+def finetuned(tasks):
+    return [f"{MODELS}/finetuned/{t}.safetensors" for t in tasks]
+
+
+def heads(tasks):
+    return [f"{MODELS}/heads/{t}.safetensors" for t in tasks]
+
+
+def task_data(tasks):
+    return [f"{DATA}/{t}.npz" for t in tasks] if SOURCE == "synthetic" else []
+
+
+def eval_files():
+    return (
+        [f"{RESULTS}/eval/zeroshot.parquet"]
+        + [f"{RESULTS}/eval/individual/{t}.parquet" for t in ALL_TASKS]
+        + [f"{RESULTS}/eval/{m}.parquet" for m in MERGE_METHODS]
+    )
+
+
+def final_outputs():
+    return [f"{RESULTS}/report/report.html", f"{RESULTS}/report/report.md"]

@@ -1,0 +1,84 @@
+# Evaluation stage: top-1 accuracy of each model on each task's test split, into parquet.
+
+EVAL_CODE = code_version("evaluation.py", "data/tasks.py", "zoo/store.py", "cli.py")
+
+
+rule evaluate_zeroshot:
+    input:
+        pretrained=f"{MODELS}/pretrained.safetensors",
+        heads=heads(ALL_TASKS),
+        data=task_data(ALL_TASKS),
+    output:
+        f"{RESULTS}/eval/zeroshot.parquet",
+    params:
+        zoo=zoo_json(),
+        tasks=ALL_TASKS,
+        batch=config["evaluation"]["batch_size"],
+        code=EVAL_CODE,
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    log:
+        f"{LOGS}/evaluate/zeroshot.log",
+    benchmark:
+        f"{BENCH}/evaluate/zeroshot.tsv"
+    shell:
+        "python -m pipeline evaluate --zoo {params.zoo:q} --model zeroshot --method zeroshot "
+        "--pretrained {input.pretrained} --tasks {params.tasks} --heads {input.heads} "
+        "--data-dir {DATA} --batch-size {params.batch} --out {output} --threads {threads} > {log} 2>&1"
+
+
+rule evaluate_individual:
+    input:
+        pretrained=f"{MODELS}/pretrained.safetensors",
+        encoder=f"{MODELS}/finetuned/{{task}}.safetensors",
+        head=f"{MODELS}/heads/{{task}}.safetensors",
+        data=task_data(["{task}"]),
+    output:
+        f"{RESULTS}/eval/individual/{{task}}.parquet",
+    params:
+        zoo=zoo_json(),
+        batch=config["evaluation"]["batch_size"],
+        code=EVAL_CODE,
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    log:
+        f"{LOGS}/evaluate/individual_{{task}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/individual_{{task}}.tsv"
+    shell:
+        "python -m pipeline evaluate --zoo {params.zoo:q} --model individual --method individual "
+        "--pretrained {input.pretrained} --encoder {input.encoder} --tasks {wildcards.task} "
+        "--heads {input.head} --data-dir {DATA} --batch-size {params.batch} --out {output} "
+        "--threads {threads} > {log} 2>&1"
+
+
+rule evaluate_merged:
+    input:
+        pretrained=f"{MODELS}/pretrained.safetensors",
+        encoder=f"{RESULTS}/merges/{{method}}/model.safetensors",
+        heads=heads(TASKS),
+        data=task_data(TASKS),
+    output:
+        f"{RESULTS}/eval/{{method}}.parquet",
+    params:
+        zoo=zoo_json(),
+        tasks=TASKS,
+        batch=config["evaluation"]["batch_size"],
+        code=EVAL_CODE,
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    log:
+        f"{LOGS}/evaluate/{{method}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/{{method}}.tsv"
+    shell:
+        "python -m pipeline evaluate --zoo {params.zoo:q} --model {wildcards.method} "
+        "--method {wildcards.method} --pretrained {input.pretrained} --encoder {input.encoder} "
+        "--tasks {params.tasks} --heads {input.heads} --data-dir {DATA} --batch-size {params.batch} "
+        "--out {output} --threads {threads} > {log} 2>&1"

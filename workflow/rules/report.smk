@@ -1,0 +1,30 @@
+# Report stage: the paper-style table, zoo-quality checks, config and stage timings.
+
+
+rule report:
+    input:
+        evals=eval_files(),
+    output:
+        markdown=report(
+            f"{RESULTS}/report/report.md", category="Report", caption="../report/report.rst"
+        ),
+        html=report(
+            f"{RESULTS}/report/report.html", category="Report", caption="../report/report.rst"
+        ),
+        table=f"{RESULTS}/report/accuracy_table.parquet",
+    params:
+        zoo=zoo_json("tasks", "heldout_tasks"),
+        config=json.dumps(config, sort_keys=True),
+        code=code_version("report.py", "cli.py"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    log:
+        f"{LOGS}/report.log",
+    benchmark:
+        f"{BENCH}/report/report.tsv"
+    shell:
+        "python -m pipeline report --zoo {params.zoo:q} --eval {input.evals} --config {params.config:q} "
+        "--benchmark-dir {BENCH} --markdown {output.markdown} --html {output.html} "
+        "--table {output.table} > {log} 2>&1"

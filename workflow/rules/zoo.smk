@@ -1,0 +1,126 @@
+# Zoo stage: the pretrained CLIP, one zero-shot head and one fine-tuned image encoder per task.
+# Synthetic zoos are built here; real zoos are imported from open_clip and checkpoint files.
+
+if SOURCE == "synthetic":
+
+    rule task_data:
+        output:
+            f"{DATA}/{{task}}.npz",
+        params:
+            zoo=zoo_json("synthetic.sizes", "synthetic.domains"),
+            code=code_version("data/synthetic.py", "zoo/synthetic_zoo.py", "cli.py"),
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=10,
+        log:
+            f"{LOGS}/task_data/{{task}}.log",
+        benchmark:
+            f"{BENCH}/task_data/{{task}}.tsv"
+        shell:
+            "python -m pipeline task-data --zoo {params.zoo:q} --task {wildcards.task} "
+            "--out {output} --threads {threads} > {log} 2>&1"
+
+    rule pretrain:
+        output:
+            model=f"{MODELS}/pretrained.safetensors",
+            tokenizer=f"{MODELS}/tokenizer.json",
+        params:
+            zoo=zoo_json("synthetic.pretrain"),
+            code=code_version(
+                "data/synthetic.py", "zoo/synthetic_zoo.py", "models/clip.py", "cli.py"
+            ),
+        threads: THREADS
+        resources:
+            mem_mb=4000,
+            runtime=60,
+        log:
+            f"{LOGS}/pretrain.log",
+        benchmark:
+            f"{BENCH}/pretrain/pretrain.tsv"
+        shell:
+            "python -m pipeline pretrain --zoo {params.zoo:q} --out {output.model} "
+            "--tokenizer {output.tokenizer} --threads {threads} > {log} 2>&1"
+
+    rule finetune:
+        input:
+            pretrained=f"{MODELS}/pretrained.safetensors",
+            head=f"{MODELS}/heads/{{task}}.safetensors",
+            data=f"{DATA}/{{task}}.npz",
+        output:
+            f"{MODELS}/finetuned/{{task}}.safetensors",
+        params:
+            zoo=zoo_json("synthetic.finetune"),
+            code=code_version("zoo/synthetic_zoo.py", "models/clip.py", "cli.py"),
+        threads: THREADS
+        resources:
+            mem_mb=3000,
+            runtime=30,
+        log:
+            f"{LOGS}/finetune/{{task}}.log",
+        benchmark:
+            f"{BENCH}/finetune/{{task}}.tsv"
+        shell:
+            "python -m pipeline finetune --zoo {params.zoo:q} --task {wildcards.task} "
+            "--pretrained {input.pretrained} --head {input.head} --data {input.data} "
+            "--out {output} --threads {threads} > {log} 2>&1"
+
+else:
+
+    rule import_pretrained:
+        output:
+            f"{MODELS}/pretrained.safetensors",
+        params:
+            zoo=zoo_json(),
+            code=code_version("models/pretrained.py", "models/checkpoints.py", "cli.py"),
+        threads: 1
+        resources:
+            mem_mb=8000,
+            runtime=30,
+        log:
+            f"{LOGS}/import_pretrained.log",
+        benchmark:
+            f"{BENCH}/import_pretrained/import_pretrained.tsv"
+        shell:
+            "python -m pipeline import-pretrained --zoo {params.zoo:q} --out {output} > {log} 2>&1"
+
+    rule import_finetuned:
+        input:
+            pretrained=f"{MODELS}/pretrained.safetensors",
+        output:
+            f"{MODELS}/finetuned/{{task}}.safetensors",
+        params:
+            zoo=zoo_json(),
+            code=code_version("models/checkpoints.py", "models/hf_clip.py", "cli.py"),
+        threads: 1
+        resources:
+            mem_mb=8000,
+            runtime=30,
+        log:
+            f"{LOGS}/import_finetuned/{{task}}.log",
+        benchmark:
+            f"{BENCH}/import_finetuned/{{task}}.tsv"
+        shell:
+            "python -m pipeline import-finetuned --zoo {params.zoo:q} --task {wildcards.task} "
+            "--pretrained {input.pretrained} --out {output} > {log} 2>&1"
+
+
+rule zero_shot_head:
+    input:
+        pretrained=f"{MODELS}/pretrained.safetensors",
+    output:
+        f"{MODELS}/heads/{{task}}.safetensors",
+    params:
+        zoo=zoo_json(),
+        code=code_version("models/clip.py", "zoo/store.py", "cli.py"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    log:
+        f"{LOGS}/zero_shot_head/{{task}}.log",
+    benchmark:
+        f"{BENCH}/zero_shot_head/{{task}}.tsv"
+    shell:
+        "python -m pipeline head --zoo {params.zoo:q} --task {wildcards.task} "
+        "--pretrained {input.pretrained} --out {output} > {log} 2>&1"

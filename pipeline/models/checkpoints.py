@@ -1,0 +1,253 @@
+"""Checkpoint files: atomic safetensors writes, content hashes, and loading fine-tuned image
+encoders from the formats the community publishes into open_clip image-encoder state dicts
+(the keys of ``open_clip.create_model(arch).visual.state_dict()``).
+
+Accepted by :func:`load_state_dict`:
+
+- ``.safetensors`` files and ``.pt``/``.pth``/``.bin`` files readable with
+  ``torch.load(weights_only=True)``, holding an open_clip image-encoder state dict, possibly
+  behind a prefix (``visual.``, ``model.visual.``, ``image_encoder.model.visual.``, ...;
+  other keys are dropped) or inside ``{"state_dict": ...}``;
+- Hugging Face CLIP vision checkpoints: a ``save_pretrained`` directory or a state dict with
+  ``vision_model.`` keys (mapped by :mod:`pipeline.models.hf_clip`);
+- the task_vectors / AdaMerging release (whole pickled ``ImageEncoder`` objects), only with
+  ``trust_pickles=True``: unpickling runs code from the file.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import types
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.models.hf_clip import HF_PATCH_KEY, hf_vision_to_open_clip
+
+StateDict = dict[str, torch.Tensor]
+
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Write ``state_dict`` as safetensors (contiguous CPU tensors) through a temporary file in
+    the same folder and a rename, so a killed job never leaves a half-written ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors, storages = {}, set()
+    for key, value in state_dict.items():
+        tensor = value.detach().cpu().contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in storages:  # safetensors refuses tensors that share memory
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        tensors[key] = tensor
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_dict_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Hex SHA-256 over the sorted keys and each tensor's dtype, shape and bytes: equal for
+    equal contents whatever the file format or key order."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], name: str) -> None:
+    """Refuse a state dict with NaN or Inf in a floating-point tensor, naming key and source."""
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"{name}: tensor {key!r} contains NaN or Inf; the checkpoint is corrupt or "
+                "diverged and cannot be merged"
+            )
+
+
+def check_compatible(
+    reference_sd: Mapping[str, torch.Tensor],
+    sd: Mapping[str, torch.Tensor],
+    ref_name: str,
+    name: str,
+) -> None:
+    """Refuse ``sd`` unless it has exactly the keys, shapes and dtypes of ``reference_sd``."""
+    missing = sorted(set(reference_sd) - set(sd))
+    extra = sorted(set(sd) - set(reference_sd))
+    if missing or extra:
+        raise ValueError(
+            f"{name} does not match {ref_name}: keys missing from {name}: {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}; keys only in {name}: {extra[:5]}"
+            f"{' ...' if len(extra) > 5 else ''}. Both must be image encoders of the same "
+            "architecture"
+        )
+    for key, ref in reference_sd.items():
+        other = sd[key]
+        if ref.shape != other.shape or ref.dtype != other.dtype:
+            raise ValueError(
+                f"{name} does not match {ref_name} at {key!r}: {name} has "
+                f"{other.dtype} {tuple(other.shape)}, {ref_name} has {ref.dtype} "
+                f"{tuple(ref.shape)}. Both must be image encoders of the same architecture "
+                "and precision"
+            )
+
+
+def load_state_dict(
+    path: str | Path, *, trust_pickles: bool = False, prefix_hint: str | None = None
+) -> StateDict:
+    """The open_clip image-encoder state dict stored at ``path`` (see the module docstring
+    for the formats). ``prefix_hint`` is the key prefix in front of the encoder's keys
+    (e.g. ``"image_encoder.model.visual."``) for files where it cannot be detected."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    hf_config = None
+    if path.is_dir():
+        raw, hf_config = _read_hf_dir(path, trust_pickles)
+    elif path.suffix == ".safetensors":
+        raw = load_file(str(path))
+    else:
+        raw = _state_dict_of(_torch_load(path, trust_pickles), path)
+    if prefix_hint:
+        raw = {k[len(prefix_hint) :]: v for k, v in raw.items() if k.startswith(prefix_hint)}
+        if not raw:
+            raise ValueError(f"no key of {path} starts with prefix_hint {prefix_hint!r}")
+    sd = _image_encoder_keys(raw, hf_config, path)
+    sd = {k: v.detach().cpu() for k, v in sd.items()}
+    check_finite(sd, str(path))
+    return sd
+
+
+def _torch_load(path: Path, trust_pickles: bool) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust_pickles:
+            raise ValueError(
+                f"{path} holds pickled Python objects (like the task_vectors/AdaMerging "
+                "release's ImageEncoder files); loading it runs code from the file. If you "
+                "trust its source, set `trust_pickles: true` in the zoo config "
+                "(load_state_dict(..., trust_pickles=True))"
+            ) from err
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    """Unpickler that stands in a plain ``nn.Module`` subclass for classes whose module cannot
+    be imported (the release pickles name ``src.modeling.ImageEncoder`` of the task_vectors
+    repository); their tensors and submodules load unchanged."""
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return _stand_in(module, name)
+
+
+@functools.cache
+def _stand_in(module: str, name: str) -> type[nn.Module]:
+    warnings.warn(
+        f"pickled class {module}.{name} is not importable; loading it as a plain "
+        "torch.nn.Module (only its weights are used)",
+        stacklevel=2,
+    )
+    return type(name, (nn.Module,), {"__module__": module})
+
+
+_lenient_pickle = types.ModuleType("_lenient_pickle")
+_lenient_pickle.Unpickler = _LenientUnpickler
+_lenient_pickle.load = lambda f, **kwargs: _LenientUnpickler(f, **kwargs).load()
+
+
+def _state_dict_of(obj: object, path: Path) -> StateDict:
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj)
+    raise ValueError(
+        f"{path} holds a {type(obj).__name__}, not a state dict (a mapping of names to "
+        "tensors) nor a pickled module"
+    )
+
+
+def _read_hf_dir(path: Path, trust_pickles: bool) -> tuple[StateDict, dict | None]:
+    """Weights and config.json of a Hugging Face ``save_pretrained`` directory (single file
+    or sharded with an index)."""
+    config_path = path / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else None
+    for name in _HF_WEIGHT_FILES:
+        index = path / f"{name}.index.json"
+        files = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.exists()
+            else [name]
+        )
+        if all((path / f).exists() for f in files):
+            sd: StateDict = {}
+            for f in files:
+                if f.endswith(".safetensors"):
+                    sd.update(load_file(str(path / f)))
+                else:
+                    sd.update(_state_dict_of(_torch_load(path / f, trust_pickles), path / f))
+            return sd, config
+    raise FileNotFoundError(
+        f"{path} is a directory but holds no Hugging Face weights: expected one of "
+        f"{', '.join(_HF_WEIGHT_FILES)} (or their .index.json shards) next to config.json"
+    )
+
+
+def _image_encoder_keys(raw: Mapping[str, torch.Tensor], hf_config: dict | None, path: Path) -> StateDict:
+    """Strip the prefix in front of the open_clip image-encoder keys (dropping all others), or
+    map Hugging Face CLIP vision keys to open_clip's."""
+    prefixes = {
+        k[: -len("conv1.weight")]
+        for k in raw
+        if k.endswith("conv1.weight") and k[: -len("conv1.weight")] + "class_embedding" in raw
+    }
+    if len(prefixes) > 1:
+        raise ValueError(
+            f"{path} holds several image encoders (key prefixes {sorted(prefixes)}); pass "
+            "prefix_hint to choose one"
+        )
+    if prefixes:
+        (prefix,) = prefixes
+        return {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
+    hf_keys = [k for k in raw if k.endswith(HF_PATCH_KEY)]
+    if len(hf_keys) == 1:
+        prefix = hf_keys[0][: -len(HF_PATCH_KEY)]
+        return hf_vision_to_open_clip(
+            {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}, hf_config
+        )
+    raise ValueError(
+        f"{path} holds no open_clip ViT image encoder (no '<prefix>conv1.weight' next to "
+        f"'<prefix>class_embedding') and no Hugging Face CLIP vision model ('{HF_PATCH_KEY}'); "
+        f"first keys: {list(raw)[:5]}"
+    )

@@ -1,0 +1,182 @@
+import hashlib
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import pipeline.models.checkpoints as ckpt
+from pipeline.models.checkpoints import (
+    check_compatible,
+    load_state_dict,
+    save_state_dict,
+    sha256_file,
+    state_dict_hash,
+)
+from pipeline.models.clip import SYNTHETIC_ARCH, create_model
+from tests.task_vectors_release import ImageEncoder
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return create_model(SYNTHETIC_ARCH, seed=0)
+
+
+@pytest.fixture(scope="module")
+def visual(clip):
+    return {k: v.clone() for k, v in clip.visual.state_dict().items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_save_state_dict_round_trip_of_views_and_shared_storage(tmp_path):
+    base = torch.arange(12.0).reshape(3, 4)
+    sd = {"t": base.t(), "row0": base[0], "row1": base[1], "scalar": torch.tensor(2.5)}
+    path = tmp_path / "sub" / "sd.safetensors"
+    save_state_dict(sd, path)
+    assert_same(load_file(str(path)), {k: v.contiguous() for k, v in sd.items()})
+    assert [p.name for p in path.parent.iterdir()] == ["sd.safetensors"]
+
+
+def test_save_state_dict_killed_midway_keeps_old_file_and_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "sd.safetensors"
+    save_state_dict({"a": torch.ones(2)}, path)
+
+    def dies_midway(tensors, filename):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "save_file", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_state_dict({"a": torch.zeros(2)}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["sd.safetensors"]
+    assert torch.equal(load_file(str(path))["a"], torch.ones(2))
+
+
+def test_sha256_file(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"abc" * 1000)
+    assert sha256_file(path) == hashlib.sha256(b"abc" * 1000).hexdigest()
+
+
+def test_state_dict_hash_sees_content_dtype_and_shape_not_order(tmp_path):
+    a, b = torch.randn(2, 3), torch.tensor([1, 2], dtype=torch.int64)
+    h = state_dict_hash({"a": a, "b": b})
+    assert h == state_dict_hash({"b": b.clone(), "a": a.clone()})
+    save_state_dict({"a": a, "b": b}, tmp_path / "x.safetensors")
+    assert h == state_dict_hash(load_file(str(tmp_path / "x.safetensors")))
+    changed = a.clone()
+    changed[1, 2] += 1e-3
+    assert h != state_dict_hash({"a": changed, "b": b})
+    assert h != state_dict_hash({"a": a.view(torch.int32), "b": b})  # same bytes, other dtype
+    assert h != state_dict_hash({"a": a.reshape(3, 2), "b": b})  # same bytes, other shape
+    assert h != state_dict_hash({"a2": a, "b": b})
+
+
+def test_load_safetensors_and_weights_only_pt(tmp_path, visual):
+    save_state_dict(visual, tmp_path / "enc.safetensors")
+    torch.save(visual, tmp_path / "enc.pt")
+    assert_same(load_state_dict(tmp_path / "enc.safetensors"), visual)
+    assert_same(load_state_dict(tmp_path / "enc.pt"), visual)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: sd,  # the full CLIP: visual.* plus the text tower, which is dropped
+        lambda sd: {f"model.{k}": v for k, v in sd.items()},
+        lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3},
+    ],
+    ids=["visual.", "model.visual.", "open_clip-training-checkpoint"],
+)
+def test_load_strips_prefixes_and_drops_other_keys(tmp_path, clip, visual, wrap):
+    torch.save(wrap(clip.state_dict()), tmp_path / "full.pt")
+    assert_same(load_state_dict(tmp_path / "full.pt"), visual)
+
+
+def test_prefix_hint_picks_one_of_several_encoders(tmp_path, visual):
+    sd = {**{f"a.{k}": v for k, v in visual.items()}, **{f"b.{k}": v + 1 for k, v in visual.items()}}
+    torch.save(sd, tmp_path / "two.pt")
+    with pytest.raises(ValueError, match="several image encoders.*prefix_hint"):
+        load_state_dict(tmp_path / "two.pt")
+    assert_same(load_state_dict(tmp_path / "two.pt", prefix_hint="b."), {k: v + 1 for k, v in visual.items()})
+    with pytest.raises(ValueError, match="prefix_hint 'c.'"):
+        load_state_dict(tmp_path / "two.pt", prefix_hint="c.")
+
+
+def test_release_pickle_refused_without_flag_and_loaded_with_it(tmp_path):
+    encoder = ImageEncoder(seed=3)
+    path = tmp_path / "finetuned.pt"
+    torch.save(encoder, path)
+    with pytest.raises(ValueError) as err:
+        load_state_dict(path)
+    msg = str(err.value)
+    assert str(path) in msg and "runs code from the file" in msg and "trust_pickles: true" in msg
+    assert_same(load_state_dict(path, trust_pickles=True), encoder.model.visual.state_dict())
+
+
+def test_release_pickle_whose_class_is_not_importable(tmp_path, monkeypatch):
+    """The release names src.modeling.ImageEncoder, which is not importable here."""
+    src = tmp_path / "src_pkg"
+    src.mkdir()
+    (src / "tv_modeling_stub.py").write_text(
+        textwrap.dedent(
+            """
+            from torch import nn
+            from pipeline.models.clip import SYNTHETIC_ARCH, create_model
+
+            class ImageEncoder(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.model = create_model(SYNTHETIC_ARCH, seed=5)
+                    self.cache_dir = "/somewhere"
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(src))
+    import tv_modeling_stub
+
+    encoder = tv_modeling_stub.ImageEncoder()
+    torch.save(encoder, tmp_path / "finetuned.pt")
+    monkeypatch.delitem(sys.modules, "tv_modeling_stub")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(src)])
+    with pytest.warns(UserWarning, match="tv_modeling_stub.ImageEncoder is not importable"):
+        sd = load_state_dict(tmp_path / "finetuned.pt", trust_pickles=True)
+    assert_same(sd, encoder.model.visual.state_dict())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_refused_naming_key_and_file(tmp_path, visual, bad):
+    sd = {k: v.clone() for k, v in visual.items()}
+    sd["transformer.resblocks.1.mlp.c_fc.weight"][0, 0] = bad
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    key = r"'transformer\.resblocks\.1\.mlp\.c_fc\.weight'"
+    with pytest.raises(ValueError, match=rf"bad\.safetensors: tensor {key} contains NaN or Inf"):
+        load_state_dict(tmp_path / "bad.safetensors")
+
+
+def test_not_an_encoder_and_missing_file(tmp_path):
+    torch.save({"fc.weight": torch.ones(2, 2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other\.pt holds no open_clip ViT image encoder.*fc\.weight"):
+        load_state_dict(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_state_dict(tmp_path / "nope.pt")
+
+
+def test_check_compatible_names_both_files_and_the_key(visual):
+    check_compatible(visual, {k: v.clone() for k, v in visual.items()}, "pre.safetensors", "ft.pt")
+    wrong_shape = {**visual, "proj": torch.zeros(3, 3)}
+    with pytest.raises(ValueError, match=r"ft\.pt does not match pre\.safetensors at 'proj'.*\(3, 3\)"):
+        check_compatible(visual, wrong_shape, "pre.safetensors", "ft.pt")
+    wrong_dtype = {**visual, "ln_post.weight": visual["ln_post.weight"].half()}
+    with pytest.raises(ValueError, match=r"ft\.pt does not match pre\.safetensors at 'ln_post\.weight'.*float16"):
+        check_compatible(visual, wrong_dtype, "pre.safetensors", "ft.pt")
+    missing = {k: v for k, v in visual.items() if k != "class_embedding"}
+    with pytest.raises(ValueError, match=r"keys missing from ft\.pt: \['class_embedding'\]"):
+        check_compatible(visual, missing, "pre.safetensors", "ft.pt")

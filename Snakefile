@@ -8,6 +8,13 @@ configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    task="|".join(ALL_TASKS),
+    method="|".join(MERGE_METHODS),
+
+
 include: "workflow/rules/zoo.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
@@ -15,6 +22,6 @@ include: "workflow/rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         final_outputs(),
-    default_target: True

@@ -78,7 +78,7 @@ def task_prompts(zoo: dict, task: str) -> tuple[list[str], list[str]]:
         return ATTRIBUTES[task].classnames, ATTRIBUTES[task].templates
     from pipeline.data.paper_datasets import classnames, templates
 
-    return classnames(task), templates(task)
+    return classnames(task, zoo.get("data_root")), templates(task)
 
 
 def cmd_finetune(a) -> None:
@@ -88,7 +88,7 @@ def cmd_finetune(a) -> None:
     from pipeline.zoo.synthetic_zoo import finetune
 
     model = load_clip(a.zoo, a.pretrained)
-    x, y = as_tensors(load_split(a.zoo, a.task, "train", Path(a.data).parent))
+    x, y = as_tensors(load_split(a.zoo, a.task, "train", a.data))
     seed = a.zoo["seed"] * 100_003 + zlib.crc32(a.task.encode()) % 100_000
     sd = finetune(model.visual, load_head(a.head), x, y, a.zoo["synthetic"]["finetune"], seed, desc=f"finetune {a.task}")
     save_state_dict(sd, a.out)
@@ -131,8 +131,9 @@ def cmd_evaluate(a) -> None:
     if a.encoder:
         encoder.load_state_dict(load_encoder_state(a.encoder))
     rows = []
-    for task, head in zip(a.tasks, a.heads):
-        data = load_split(a.zoo, task, a.split, a.data_dir)
+    data_files = a.data or [None] * len(a.tasks)
+    for task, head, data_file in zip(a.tasks, a.heads, data_files, strict=True):
+        data = load_split(a.zoo, task, a.split, data_file)
         r = accuracy(encoder, load_head(head), data, a.batch_size, desc=f"{a.model} on {task}")
         rows.append({"model": a.model, "method": a.method, "task": task, "split": a.split, **r})
         log.info("%s on %s: %.2f%% (n=%d)", a.model, task, r["accuracy"], r["n"])
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
          (["--tasks"], {"nargs": "+", "required": True}), (["--settings"], {"default": "{}"}), out)
     verb("evaluate", cmd_evaluate, pretrained, (["--model"], {"required": True}), (["--method"], {"required": True}),
          (["--encoder"], {"default": None}), (["--tasks"], {"nargs": "+", "required": True}),
-         (["--heads"], {"nargs": "+", "required": True}), (["--data-dir"], {"required": True}),
+         (["--heads"], {"nargs": "+", "required": True}), (["--data"], {"nargs": "*", "default": [], "help": "synthetic task files, one per task"}),
          (["--split"], {"default": "test"}), (["--batch-size"], {"type": int, "default": 512}), out)
     verb("report", cmd_report, (["--eval"], {"nargs": "+", "required": True}), (["--config"], {"required": True, "help": "the run's config as JSON"}),
          (["--benchmark-dir"], {"required": True}), (["--markdown"], {"required": True}),

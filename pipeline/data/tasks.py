@@ -15,12 +15,13 @@ from pipeline.zoo.synthetic_zoo import to_tensor
 SPLITS = ("train", "val", "test")
 
 
-def load_split(zoo: dict, task: str, split: str, data_dir: str | Path) -> Dataset:
-    """The ``split`` of ``task`` as a Dataset of (normalised image tensor, label)."""
+def load_split(zoo: dict, task: str, split: str, data_file: str | Path | None = None) -> Dataset:
+    """The ``split`` of ``task`` as a Dataset of (normalised image tensor, label): from the
+    task's npz file for synthetic zoos, from ``zoo["data_root"]`` for real ones."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if zoo["source"] == "synthetic":
-        path = Path(data_dir) / f"{task}.npz"
+        path = Path(data_file or f"{task}.npz")
         if not path.exists():
             raise FileNotFoundError(
                 f"synthetic task data {path} is missing; it is built by the workflow "

@@ -4,7 +4,6 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-
 validate(config, "../schemas/config.schema.yaml")
 
 ZOO_CFG = config["zoo"]
@@ -21,6 +20,10 @@ LOGS = f"logs/{ZOO}"
 BENCH = f"{RESULTS}/benchmarks"
 PIPELINE = Path(workflow.basedir) / "pipeline"
 MERGE_METHODS = ["weight_averaging", "task_arithmetic"]
+ENV = "../envs/pipeline.yaml"
+
+# Rules run `python -m pipeline`: make the package importable from any working directory.
+shell.prefix(f"export PYTHONPATH={workflow.basedir}:$PYTHONPATH; ")
 
 overlap = sorted(set(TASKS) & set(HELDOUT))
 if overlap:
@@ -28,14 +31,11 @@ if overlap:
         f"config: zoo.heldout_tasks {overlap} also appear in zoo.tasks; a task is either merged or held out"
     )
 
-wildcard_constraints:
-    task="|".join(ALL_TASKS),
-    method="|".join(MERGE_METHODS),
-
 
 def code_version(*modules):
-    """Hash of the pipeline modules a rule runs, so that Snakemake's params trigger reruns
-    the rule when its code changes (the code trigger does not see imported modules)."""
+    """Hash of the pipeline modules a job runs. Passed as a param, it makes Snakemake's
+    params trigger rerun the job when that code changes (the code trigger does not see
+    imported modules)."""
     h = hashlib.sha256()
     for module in sorted(modules):
         h.update((PIPELINE / module).read_bytes())
@@ -43,10 +43,19 @@ def code_version(*modules):
 
 
 def zoo_json(*sections):
-    """The zoo settings a rule depends on, as JSON: the identity keys plus the named
-    (dotted) sections. Task lists are left out so that adding a task does not change
-    the params of per-task rules."""
-    keep = ["name", "source", "arch", "seed", "trust_pickles", "pretrained", "checkpoints", "data_root"]
+    """The zoo settings that a job depends on, as JSON. It holds the identity keys and the
+    named dotted sections; task lists are left out so that adding a task does not change
+    the params of per-task jobs."""
+    keep = [
+        "name",
+        "source",
+        "arch",
+        "seed",
+        "trust_pickles",
+        "pretrained",
+        "checkpoints",
+        "data_root",
+    ]
     out = {k: ZOO_CFG[k] for k in keep if k in ZOO_CFG}
     for section in sections:
         head, _, tail = section.partition(".")

@@ -1,6 +1,6 @@
 # Evaluation stage: top-1 accuracy of each model on each task's test split, into parquet.
 
-EVAL_CODE = code_version("evaluation.py", "data/tasks.py", "zoo/store.py", "cli.py")
+EVAL_CODE = code_version("evaluation.py", "data/tasks.py", "zoo/store.py")
 
 
 rule evaluate_zeroshot:
@@ -10,23 +10,25 @@ rule evaluate_zeroshot:
         data=task_data(ALL_TASKS),
     output:
         f"{RESULTS}/eval/zeroshot.parquet",
+    log:
+        f"{LOGS}/evaluate/zeroshot.log",
+    benchmark:
+        f"{BENCH}/evaluate/zeroshot.tsv"
+    conda:
+        ENV
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         zoo=zoo_json(),
         tasks=ALL_TASKS,
         batch=config["evaluation"]["batch_size"],
         code=EVAL_CODE,
-    threads: THREADS
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    log:
-        f"{LOGS}/evaluate/zeroshot.log",
-    benchmark:
-        f"{BENCH}/evaluate/zeroshot.tsv"
     shell:
         "python -m pipeline evaluate --zoo {params.zoo:q} --model zeroshot --method zeroshot "
         "--pretrained {input.pretrained} --tasks {params.tasks} --heads {input.heads} "
-        "--data-dir {DATA} --batch-size {params.batch} --out {output} --threads {threads} > {log} 2>&1"
+        "--data {input.data} --batch-size {params.batch} --out {output} --threads {threads} > {log} 2>&1"
 
 
 rule evaluate_individual:
@@ -37,22 +39,24 @@ rule evaluate_individual:
         data=task_data(["{task}"]),
     output:
         f"{RESULTS}/eval/individual/{{task}}.parquet",
-    params:
-        zoo=zoo_json(),
-        batch=config["evaluation"]["batch_size"],
-        code=EVAL_CODE,
-    threads: THREADS
-    resources:
-        mem_mb=4000,
-        runtime=30,
     log:
         f"{LOGS}/evaluate/individual_{{task}}.log",
     benchmark:
         f"{BENCH}/evaluate/individual_{{task}}.tsv"
+    conda:
+        ENV
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        zoo=zoo_json(),
+        batch=config["evaluation"]["batch_size"],
+        code=EVAL_CODE,
     shell:
         "python -m pipeline evaluate --zoo {params.zoo:q} --model individual --method individual "
         "--pretrained {input.pretrained} --encoder {input.encoder} --tasks {wildcards.task} "
-        "--heads {input.head} --data-dir {DATA} --batch-size {params.batch} --out {output} "
+        "--heads {input.head} --data {input.data} --batch-size {params.batch} --out {output} "
         "--threads {threads} > {log} 2>&1"
 
 
@@ -64,21 +68,23 @@ rule evaluate_merged:
         data=task_data(TASKS),
     output:
         f"{RESULTS}/eval/{{method}}.parquet",
+    log:
+        f"{LOGS}/evaluate/{{method}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/{{method}}.tsv"
+    conda:
+        ENV
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         zoo=zoo_json(),
         tasks=TASKS,
         batch=config["evaluation"]["batch_size"],
         code=EVAL_CODE,
-    threads: THREADS
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    log:
-        f"{LOGS}/evaluate/{{method}}.log",
-    benchmark:
-        f"{BENCH}/evaluate/{{method}}.tsv"
     shell:
         "python -m pipeline evaluate --zoo {params.zoo:q} --model {wildcards.method} "
         "--method {wildcards.method} --pretrained {input.pretrained} --encoder {input.encoder} "
-        "--tasks {params.tasks} --heads {input.heads} --data-dir {DATA} --batch-size {params.batch} "
+        "--tasks {params.tasks} --heads {input.heads} --data {input.data} --batch-size {params.batch} "
         "--out {output} --threads {threads} > {log} 2>&1"

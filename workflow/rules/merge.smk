@@ -8,6 +8,16 @@ rule merge:
     output:
         model=f"{RESULTS}/merges/{{method}}/model.safetensors",
         settings=f"{RESULTS}/merges/{{method}}/model.json",
+    log:
+        f"{LOGS}/merge/{{method}}.log",
+    benchmark:
+        f"{BENCH}/merge/{{method}}.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         zoo=zoo_json(),
         tasks=TASKS,
@@ -16,15 +26,7 @@ rule merge:
             if wc.method == "task_arithmetic"
             else {}
         ),
-        code=lambda wc: code_version("merging/__init__.py", f"merging/{wc.method}.py", "cli.py"),
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    log:
-        f"{LOGS}/merge/{{method}}.log",
-    benchmark:
-        f"{BENCH}/merge/{{method}}.tsv"
+        code=lambda wc: code_version("merging/__init__.py", f"merging/{wc.method}.py"),
     shell:
         "python -m pipeline merge --zoo {params.zoo:q} --method {wildcards.method} "
         "--pretrained {input.pretrained} --finetuned {input.finetuned} --tasks {params.tasks} "

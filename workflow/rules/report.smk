@@ -6,25 +6,32 @@ rule report:
         evals=eval_files(),
     output:
         markdown=report(
-            f"{RESULTS}/report/report.md", category="Report", caption="../report/report.rst"
+            f"{RESULTS}/report/report.md",
+            category="Report",
+            caption="../report/report.rst",
         ),
         html=report(
-            f"{RESULTS}/report/report.html", category="Report", caption="../report/report.rst"
+            f"{RESULTS}/report/report.html",
+            category="Report",
+            caption="../report/report.rst",
         ),
         table=f"{RESULTS}/report/accuracy_table.parquet",
-    params:
-        zoo=zoo_json("tasks", "heldout_tasks"),
-        config=json.dumps(config, sort_keys=True),
-        code=code_version("report.py", "cli.py"),
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     log:
         f"{LOGS}/report.log",
     benchmark:
         f"{BENCH}/report/report.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        zoo=zoo_json("tasks", "heldout_tasks"),
+        config=json.dumps(config, sort_keys=True),
+        benchmark_dir=BENCH,
+        code=code_version("report.py"),
     shell:
         "python -m pipeline report --zoo {params.zoo:q} --eval {input.evals} --config {params.config:q} "
-        "--benchmark-dir {BENCH} --markdown {output.markdown} --html {output.html} "
+        "--benchmark-dir {params.benchmark_dir} --markdown {output.markdown} --html {output.html} "
         "--table {output.table} > {log} 2>&1"

@@ -6,17 +6,19 @@ if SOURCE == "synthetic":
     rule task_data:
         output:
             f"{DATA}/{{task}}.npz",
-        params:
-            zoo=zoo_json("synthetic.sizes", "synthetic.domains"),
-            code=code_version("data/synthetic.py", "zoo/synthetic_zoo.py", "cli.py"),
-        threads: 1
-        resources:
-            mem_mb=2000,
-            runtime=10,
         log:
             f"{LOGS}/task_data/{{task}}.log",
         benchmark:
             f"{BENCH}/task_data/{{task}}.tsv"
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=10,
+        params:
+            zoo=zoo_json("synthetic.sizes", "synthetic.domains"),
+            code=code_version("data/synthetic.py", "zoo/synthetic_zoo.py"),
         shell:
             "python -m pipeline task-data --zoo {params.zoo:q} --task {wildcards.task} "
             "--out {output} --threads {threads} > {log} 2>&1"
@@ -25,19 +27,21 @@ if SOURCE == "synthetic":
         output:
             model=f"{MODELS}/pretrained.safetensors",
             tokenizer=f"{MODELS}/tokenizer.json",
-        params:
-            zoo=zoo_json("synthetic.pretrain"),
-            code=code_version(
-                "data/synthetic.py", "zoo/synthetic_zoo.py", "models/clip.py", "cli.py"
-            ),
-        threads: THREADS
-        resources:
-            mem_mb=4000,
-            runtime=60,
         log:
             f"{LOGS}/pretrain.log",
         benchmark:
             f"{BENCH}/pretrain/pretrain.tsv"
+        conda:
+            ENV
+        threads: THREADS
+        resources:
+            mem_mb=4000,
+            runtime=60,
+        params:
+            zoo=zoo_json("synthetic.pretrain"),
+            code=code_version(
+                "data/synthetic.py", "zoo/synthetic_zoo.py", "models/clip.py"
+            ),
         shell:
             "python -m pipeline pretrain --zoo {params.zoo:q} --out {output.model} "
             "--tokenizer {output.tokenizer} --threads {threads} > {log} 2>&1"
@@ -49,17 +53,19 @@ if SOURCE == "synthetic":
             data=f"{DATA}/{{task}}.npz",
         output:
             f"{MODELS}/finetuned/{{task}}.safetensors",
-        params:
-            zoo=zoo_json("synthetic.finetune"),
-            code=code_version("zoo/synthetic_zoo.py", "models/clip.py", "cli.py"),
-        threads: THREADS
-        resources:
-            mem_mb=3000,
-            runtime=30,
         log:
             f"{LOGS}/finetune/{{task}}.log",
         benchmark:
             f"{BENCH}/finetune/{{task}}.tsv"
+        conda:
+            ENV
+        threads: THREADS
+        resources:
+            mem_mb=3000,
+            runtime=30,
+        params:
+            zoo=zoo_json("synthetic.finetune"),
+            code=code_version("zoo/synthetic_zoo.py", "models/clip.py"),
         shell:
             "python -m pipeline finetune --zoo {params.zoo:q} --task {wildcards.task} "
             "--pretrained {input.pretrained} --head {input.head} --data {input.data} "
@@ -70,17 +76,19 @@ else:
     rule import_pretrained:
         output:
             f"{MODELS}/pretrained.safetensors",
-        params:
-            zoo=zoo_json(),
-            code=code_version("models/pretrained.py", "models/checkpoints.py", "cli.py"),
-        threads: 1
-        resources:
-            mem_mb=8000,
-            runtime=30,
         log:
             f"{LOGS}/import_pretrained.log",
         benchmark:
             f"{BENCH}/import_pretrained/import_pretrained.tsv"
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=8000,
+            runtime=30,
+        params:
+            zoo=zoo_json(),
+            code=code_version("models/pretrained.py", "models/checkpoints.py"),
         shell:
             "python -m pipeline import-pretrained --zoo {params.zoo:q} --out {output} > {log} 2>&1"
 
@@ -89,17 +97,19 @@ else:
             pretrained=f"{MODELS}/pretrained.safetensors",
         output:
             f"{MODELS}/finetuned/{{task}}.safetensors",
-        params:
-            zoo=zoo_json(),
-            code=code_version("models/checkpoints.py", "models/hf_clip.py", "cli.py"),
-        threads: 1
-        resources:
-            mem_mb=8000,
-            runtime=30,
         log:
             f"{LOGS}/import_finetuned/{{task}}.log",
         benchmark:
             f"{BENCH}/import_finetuned/{{task}}.tsv"
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=8000,
+            runtime=30,
+        params:
+            zoo=zoo_json(),
+            code=code_version("models/checkpoints.py", "models/hf_clip.py"),
         shell:
             "python -m pipeline import-finetuned --zoo {params.zoo:q} --task {wildcards.task} "
             "--pretrained {input.pretrained} --out {output} > {log} 2>&1"
@@ -110,17 +120,19 @@ rule zero_shot_head:
         pretrained=f"{MODELS}/pretrained.safetensors",
     output:
         f"{MODELS}/heads/{{task}}.safetensors",
-    params:
-        zoo=zoo_json(),
-        code=code_version("models/clip.py", "zoo/store.py", "cli.py"),
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     log:
         f"{LOGS}/zero_shot_head/{{task}}.log",
     benchmark:
         f"{BENCH}/zero_shot_head/{{task}}.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        zoo=zoo_json(),
+        code=code_version("models/clip.py", "zoo/store.py"),
     shell:
         "python -m pipeline head --zoo {params.zoo:q} --task {wildcards.task} "
         "--pretrained {input.pretrained} --out {output} > {log} 2>&1"

@@ -1,0 +1,68 @@
+"""The micro workflow end to end: outputs, zoo quality, nothing-to-do reruns, incremental add-task."""
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import snakemake
+
+pytestmark = pytest.mark.workflow
+
+ZOO = "micro"
+
+
+def job_counts(dry_run_stdout: str) -> dict[str, int]:
+    """Parse Snakemake's 'Job stats' table of a dry run."""
+    table = dry_run_stdout.split("Job stats:")[1].split("Reasons:")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
+
+
+def test_every_output_exists(micro_run: Path):
+    cfg = yaml.safe_load((micro_run / "config/micro.yaml").read_text())["zoo"]
+    tasks = cfg["tasks"] + cfg["heldout_tasks"]
+    models = micro_run / "resources/models" / ZOO
+    for t in tasks:
+        assert (models / "finetuned" / f"{t}.safetensors").stat().st_size > 0
+        assert (models / "heads" / f"{t}.safetensors").exists()
+        assert (micro_run / f"results/{ZOO}/eval/individual/{t}.parquet").exists()
+    for name in ["report.html", "report.md", "accuracy_table.parquet"]:
+        assert (micro_run / f"results/{ZOO}/report" / name).stat().st_size > 0
+    html = (micro_run / f"results/{ZOO}/report/report.html").read_text()
+    assert "<table>" in html and "individual" in html and "Stage timings" in html
+
+
+def test_eval_rows_have_the_documented_schema(micro_run: Path):
+    df = pd.read_parquet(micro_run / f"results/{ZOO}/eval/zeroshot.parquet")
+    assert list(df.columns) == ["model", "method", "task", "split", "accuracy", "n", "seconds"]
+    assert (df["n"] > 0).all() and df["accuracy"].between(0, 100).all()
+
+
+def test_micro_zoo_quality(micro_run: Path):
+    """Fine-tuning beats zero-shot clearly on the micro zoo; merges sit between them."""
+    table = pd.read_parquet(micro_run / f"results/{ZOO}/report/accuracy_table.parquet").set_index("method")
+    avg = table["Avg."]
+    assert avg["individual"] >= 85
+    assert avg["individual"] - avg["zeroshot"] >= 15
+    assert avg["zeroshot"] > 30  # above chance (25-33%) on average
+    for merged in ["weight_averaging", "task_arithmetic"]:
+        assert avg["zeroshot"] - 5 < avg[merged] < avg["individual"]
+
+
+def test_second_run_has_nothing_to_do(micro_run: Path):
+    proc = snakemake("-n", "--cores", "2", "--configfile", "config/micro.yaml", cwd=micro_run)
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_adding_a_task_reruns_only_its_jobs_and_the_whole_set_jobs(micro_run: Path):
+    cfg = yaml.safe_load((micro_run / "config/micro.yaml").read_text())
+    cfg["zoo"]["tasks"].append("count")
+    (micro_run / "config/added.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--cores", "2", "--configfile", "config/added.yaml", cwd=micro_run)
+    assert job_counts(proc.stdout) == {
+        "task_data": 1, "zero_shot_head": 1, "finetune": 1, "evaluate_individual": 1,
+        "evaluate_zeroshot": 1, "merge": 2, "evaluate_merged": 2, "report": 1, "all": 1,
+    }
+    assert "wildcards: task=count" in proc.stdout

@@ -16,6 +16,7 @@ wildcard_constraints:
 
 
 include: "workflow/rules/zoo.smk"
+include: "workflow/rules/task_vectors.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"

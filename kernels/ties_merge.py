@@ -4,9 +4,9 @@ Semantics (DESIGN section 6), for K task vectors of d entries each and keep-perc
 
 * trim: n_keep = floor(d * k / 100) (exact rational arithmetic on the value of ``k``); the
   threshold of task j is the (d - n_keep)-th smallest |tau_j| (1-based) and every entry with
-  |tau_j| >= threshold is kept, so all ties at the threshold are kept. Edges, handled
-  explicitly: n_keep == 0 (e.g. k = 0) keeps nothing (threshold NaN: no comparison is true;
-  the reference code would keep the maximal entries), n_keep == d (k = 100) keeps everything
+  |tau_j| >= threshold is kept, so all ties at the threshold are kept. Edges: n_keep == 0
+  (e.g. k = 0) makes the threshold the d-th smallest, the maximum, so the entries of maximal
+  magnitude are kept (as in the reference code); n_keep == d (k = 100) keeps everything
   (threshold 0). Inputs must be finite.
 * elect: s_i = sign(sum_j trimmed_j,i); an s_i of 0 becomes the majority sign
   sign(sum_i s_i) (one scalar over all entries).
@@ -156,12 +156,8 @@ def _check_chunk(chunk: torch.Tensor, like: torch.Tensor | None = None) -> None:
 
 
 def _edge_thresholds(d: int, k: float, n_tasks: int, device: torch.device) -> torch.Tensor | None:
-    keep = n_keep(d, k)
-    if keep == 0:
-        return torch.full((n_tasks,), math.nan, device=device)
-    if keep == d:
-        return torch.zeros(n_tasks, device=device)
-    return None
+    """Threshold 0 when every entry is kept (there is no 0-th smallest magnitude)."""
+    return torch.zeros(n_tasks, device=device) if n_keep(d, k) == d else None
 
 
 def _thresholds_triton(chunks: Chunks, k: float, first: torch.Tensor) -> torch.Tensor:

@@ -105,18 +105,106 @@ def cmd_import_finetuned(a) -> None:
     save_state_dict(sd, a.out)
 
 
-def cmd_merge(a) -> None:
-    from pipeline.merging import merge_state_dicts
-    from pipeline.models.checkpoints import save_state_dict
+def cmd_task_vector(a) -> None:
+    from pipeline.store.task_vectors import write_task_vector
     from pipeline.zoo.store import load_clip, load_encoder_state
-    from pipeline.zoo.synthetic_zoo import write_json
 
     pretrained = load_clip(a.zoo, a.pretrained).visual.state_dict()
-    finetuned = [load_encoder_state(p) for p in a.finetuned]
+    out = Path(a.out)
+    write_task_vector(out.parent, a.task, pretrained, load_encoder_state(a.finetuned), a.finetuned, a.chunk_mib)
+
+
+def _open_store(a):
+    from pipeline.models.checkpoints import state_dict_hash
+    from pipeline.store.task_vectors import TaskVectorStore
+    from pipeline.zoo.store import load_clip
+
+    roots = {Path(p).parent for p in a.task_vectors}
+    if len(roots) != 1:
+        raise ValueError(f"--task-vectors must be subgroups of one store, got folders {sorted(map(str, roots))}")
+    a.tasks = [Path(p).name for p in a.task_vectors]
+    model = load_clip(a.zoo, a.pretrained)
+    pretrained = {k: v.clone() for k, v in model.visual.state_dict().items()}  # not views of the encoder's weights
+    return model.visual, pretrained, TaskVectorStore(roots.pop(), a.tasks, base_hash=state_dict_hash(pretrained))
+
+
+def _write_merge(state_dict: dict, out: str, record: dict) -> None:
+    from pipeline.models.checkpoints import save_state_dict
+    from pipeline.zoo.synthetic_zoo import write_json
+
+    save_state_dict(state_dict, out)
+    write_json(record, Path(out).with_suffix(".json"))
+
+
+def cmd_merge(a) -> None:
+    import importlib
+
+    from pipeline.merging import STORE_METHODS
+
+    if a.method not in STORE_METHODS:
+        raise ValueError(f"merge: unknown method {a.method!r}; task-vector methods: {STORE_METHODS}")
+    _, pretrained, store = _open_store(a)
     settings = _json(a.settings)
-    merged = merge_state_dicts(a.method, pretrained, finetuned, **settings)
-    save_state_dict(merged, a.out)
-    write_json({"method": a.method, "settings": settings, "tasks": a.tasks}, Path(a.out).with_suffix(".json"))
+    merged = importlib.import_module(f"pipeline.merging.{a.method}").merge(pretrained, store, **settings)
+    _write_merge(merged, a.out, {"method": a.method, "settings": settings, "tasks": a.tasks, **store.describe()})
+
+
+def cmd_lambda_search(a) -> None:
+    import importlib
+
+    import pandas as pd
+
+    from pipeline.data.tasks import load_split
+    from pipeline.merging import SEARCH_METHODS, apply_vector
+    from pipeline.merging.lambda_search import grid, search
+    from pipeline.zoo.store import load_head
+
+    if a.method not in SEARCH_METHODS:
+        raise ValueError(f"lambda-search: unknown method {a.method!r}; searchable methods: {SEARCH_METHODS}")
+    encoder, pretrained, store = _open_store(a)
+    settings, lambdas = _json(a.settings), grid(**_json(a.grid))
+    vector = importlib.import_module(f"pipeline.merging.{a.method}").vector(store, **settings)
+    data_files = a.data or [None] * len(a.tasks)
+    val = [(t, load_head(h), load_split(a.zoo, t, "val", f)) for t, h, f in zip(a.tasks, a.heads, data_files, strict=True)]
+    rows, best = search(encoder, pretrained, vector, lambdas, val, a.method, a.batch_size)
+    log.info("%s: best lambda %s on validation", a.method, best)
+    tmp = Path(a.search_out).with_suffix(".tmp.parquet")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(tmp, index=False)
+    tmp.replace(a.search_out)
+    _write_merge(apply_vector(pretrained, vector, best), a.out,
+                 {"method": a.method, "settings": {**settings, "lam": best}, "lambda_grid": lambdas,
+                  "tasks": a.tasks, **store.describe()})
+
+
+def cmd_merge_with_data(a) -> None:
+    import importlib
+
+    from pipeline.data.tasks import load_split
+    from pipeline.merging import DATA_METHODS
+    from pipeline.zoo.store import load_clip, load_encoder_state, load_head
+
+    if a.method not in DATA_METHODS:
+        raise ValueError(f"merge-with-data: unknown method {a.method!r}; methods: {DATA_METHODS}")
+    encoder = load_clip(a.zoo, a.pretrained).visual
+    settings = _json(a.settings)
+    data_files = a.data or [None] * len(a.tasks)
+    tasks = ((t, load_encoder_state(f), load_head(h), load_split(a.zoo, t, "train", d))
+             for t, f, h, d in zip(a.tasks, a.finetuned, a.heads, data_files, strict=True))
+    merged = importlib.import_module(f"pipeline.merging.{a.method}").merge(encoder, tasks, seed=a.zoo["seed"], **settings)
+    _write_merge(merged, a.out, {"method": a.method, "settings": settings, "tasks": a.tasks})
+
+
+def cmd_multitask(a) -> None:
+    from pipeline.data.tasks import as_tensors, load_split
+    from pipeline.merging.multitask import merge
+    from pipeline.zoo.store import load_clip, load_head
+
+    encoder = load_clip(a.zoo, a.pretrained).visual
+    tasks = [(load_head(h), *as_tensors(load_split(a.zoo, t, "train", d)))
+             for t, h, d in zip(a.tasks, a.heads, a.data, strict=True)]
+    cfg = a.zoo["synthetic"]["finetune"]
+    _write_merge(merge(encoder, tasks, cfg, a.zoo["seed"]), a.out, {"method": "multitask", "settings": cfg, "tasks": a.tasks})
 
 
 def cmd_evaluate(a) -> None:
@@ -170,8 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     verb("head", cmd_head, task, pretrained, out)
     verb("finetune", cmd_finetune, task, pretrained, (["--head"], {"required": True}), (["--data"], {"required": True}), out)
     verb("import-finetuned", cmd_import_finetuned, task, pretrained, out)
-    verb("merge", cmd_merge, pretrained, (["--method"], {"required": True}), (["--finetuned"], {"nargs": "+", "required": True}),
-         (["--tasks"], {"nargs": "+", "required": True}), (["--settings"], {"default": "{}"}), out)
+    store = (["--task-vectors"], {"nargs": "+", "required": True, "help": "task subgroups of the zoo's task_vectors.zarr"})
+    tasks = (["--tasks"], {"nargs": "+", "required": True})
+    method = (["--method"], {"required": True})
+    settings = (["--settings"], {"default": "{}", "help": "the method's keyword arguments as JSON"})
+    heads_data = ((["--heads"], {"nargs": "+", "required": True}),
+                  (["--data"], {"nargs": "*", "default": [], "help": "synthetic task files, one per task"}))
+    verb("task-vector", cmd_task_vector, task, pretrained, (["--finetuned"], {"required": True}),
+         (["--chunk-mib"], {"type": float, "default": 4.0}), out)
+    verb("merge", cmd_merge, pretrained, method, store, settings, out)
+    verb("lambda-search", cmd_lambda_search, pretrained, method, store, settings, *heads_data,
+         (["--grid"], {"required": True, "help": 'lambda grid as JSON {"start", "stop", "step"}'}), (["--search-out"], {"required": True}),
+         (["--batch-size"], {"type": int, "default": 512}), out)
+    verb("merge-with-data", cmd_merge_with_data, pretrained, method, tasks, (["--finetuned"], {"nargs": "+", "required": True}),
+         *heads_data, settings, out)
+    verb("multitask", cmd_multitask, pretrained, tasks, *heads_data, out)
     verb("evaluate", cmd_evaluate, pretrained, (["--model"], {"required": True}), (["--method"], {"required": True}),
          (["--encoder"], {"default": None}), (["--tasks"], {"nargs": "+", "required": True}),
          (["--heads"], {"nargs": "+", "required": True}), (["--data"], {"nargs": "*", "default": [], "help": "synthetic task files, one per task"}),

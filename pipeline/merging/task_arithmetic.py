@@ -1,25 +1,22 @@
-"""Task Arithmetic (Ilharco et al., 2023): theta_pre + lambda * sum_k (theta_k - theta_pre)."""
+"""Task Arithmetic (Ilharco et al., 2023): theta_pre + lambda * sum_k tau_k."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import torch
 
-DEFAULT_LAMBDA = 0.3
+from pipeline.merging import StateDict, apply_vector
+from pipeline.store.task_vectors import TaskVectorStore, assemble
+
+DEFAULT_LAMBDA = 0.3  # the paper's choice when no validation data is used
 
 
-def merge(pretrained: dict[str, torch.Tensor], finetuned: Sequence[dict[str, torch.Tensor]],
-          lam: float = DEFAULT_LAMBDA) -> dict[str, torch.Tensor]:
-    """Add ``lam`` times the sum of the task vectors to the pretrained weights; a negative
-    ``lam`` negates the tasks (task negation)."""
-    out = {}
-    for k, v in pretrained.items():
-        if not v.is_floating_point():
-            out[k] = v
-            continue
-        total = torch.zeros_like(v, dtype=torch.float32)
-        for sd in finetuned:
-            total += sd[k].float() - v.float()
-        out[k] = (v.float() + lam * total).to(v.dtype)
-    return out
+def vector(store: TaskVectorStore) -> StateDict:
+    """The sum of the task vectors, streamed from the store."""
+    return assemble(store, lambda block: block.sum(0), progress="task arithmetic")
+
+
+def merge(pretrained: Mapping[str, torch.Tensor], store: TaskVectorStore, lam: float = DEFAULT_LAMBDA) -> StateDict:
+    """Add ``lam`` times the sum of the task vectors to the pretrained weights."""
+    return apply_vector(pretrained, vector(store), lam)

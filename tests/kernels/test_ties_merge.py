@@ -91,14 +91,18 @@ def test_thresholds_exact_and_edges(dtype, device):
     # (k, floor(d * k / 100)) for d = 2500
     for k, keep in [(0.01, 0), (0.05, 1), (1, 25), (12.5, 312), (20, 500), (80, 2000), (99.99, 2499)]:
         got = ties_thresholds(tvs, k, backend="triton")
-        if keep:
-            assert torch.equal(got, ties_thresholds(tvs, k, backend="torch"))
-            assert torch.equal(got, mags.kthvalue(d - keep, dim=1).values), k
-        else:  # nothing kept: NaN threshold, no comparison is true
-            assert torch.isnan(got).all() and torch.isnan(ties_thresholds(tvs, k, backend="torch")).all()
+        assert torch.equal(got, ties_thresholds(tvs, k, backend="torch"))
+        assert torch.equal(got, mags.kthvalue(d - keep, dim=1).values), k  # keep == 0: the maximum
     assert torch.equal(ties_thresholds(tvs, 100, backend="triton"), torch.zeros(3, device=device))
-    out, parts = ties_merge(tvs, 0, return_parts=True, backend="triton")
-    assert not out.any() and not parts.any()
+
+
+def test_keep_nothing_keeps_the_maximum(device):
+    tvs = torch.tensor([[1.0, -3.0, 3.0, 2.0], [0.5, 0.25, -0.5, 0.5]], device=device)
+    for backend in ("triton", "torch"):
+        out, parts = ties_merge(tvs, 0, "sum", return_parts=True, backend=backend)
+        # task 0 keeps -3 and 3, task 1 keeps 0.5, -0.5, 0.5; elected signs: +, -, + (3 - 0.5), +
+        assert parts.tolist() == [[0.0, -3.0, 3.0, 0.0], [0.5, 0.0, 0.0, 0.5]], backend
+        assert out.tolist() == [0.5, -3.0, 3.0, 0.5], backend
 
 
 def test_histogram_over_many_programs(device, monkeypatch):

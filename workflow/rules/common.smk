@@ -19,7 +19,19 @@ RESULTS = f"results/{ZOO}"
 LOGS = f"logs/{ZOO}"
 BENCH = f"{RESULTS}/benchmarks"
 PIPELINE = Path(workflow.basedir) / "pipeline"
-MERGE_METHODS = ["weight_averaging", "task_arithmetic"]
+STORE = f"{RESULTS}/task_vectors.zarr"
+SEARCH_METHODS = ["task_arithmetic", "ties_merging"]  # lambda chosen on validation data
+DATA_METHODS = [
+    "fisher_merging",
+    "regmean",
+]  # need fine-tuned models and training examples
+MERGE_METHODS = (
+    ["weight_averaging"]
+    + SEARCH_METHODS
+    + DATA_METHODS
+    + (["multitask"] if SOURCE == "synthetic" else [])
+)
+NEGATED = TASKS if config["merging"]["task_negation"]["enabled"] else []
 ENV = "../envs/pipeline.yaml"
 
 # Rules run `python -m pipeline`: make the package importable from any working directory.
@@ -80,11 +92,21 @@ def task_data(tasks):
     return [f"{DATA}/{t}.npz" for t in tasks] if SOURCE == "synthetic" else []
 
 
+def task_vectors(tasks):
+    return [f"{STORE}/{t}" for t in tasks]
+
+
+def merge_settings(method):
+    """The method's settings from config `merging` as JSON keyword arguments."""
+    return json.dumps(config["merging"].get(method, {}), sort_keys=True)
+
+
 def eval_files():
     return (
         [f"{RESULTS}/eval/zeroshot.parquet"]
         + [f"{RESULTS}/eval/individual/{t}.parquet" for t in ALL_TASKS]
         + [f"{RESULTS}/eval/{m}.parquet" for m in MERGE_METHODS]
+        + [f"{RESULTS}/eval/task_negation/{t}.parquet" for t in NEGATED]
     )
 
 

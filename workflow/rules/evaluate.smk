@@ -88,3 +88,33 @@ rule evaluate_merged:
         "--method {wildcards.method} --pretrained {input.pretrained} --encoder {input.encoder} "
         "--tasks {params.tasks} --heads {input.heads} --data {input.data} --batch-size {params.batch} "
         "--out {output} --threads {threads} > {log} 2>&1"
+
+
+rule evaluate_negation:
+    input:
+        pretrained=f"{MODELS}/pretrained.safetensors",
+        encoder=f"{RESULTS}/merges/task_negation/{{task}}/model.safetensors",
+        heads=heads(TASKS),
+        data=task_data(TASKS),
+    output:
+        f"{RESULTS}/eval/task_negation/{{task}}.parquet",
+    log:
+        f"{LOGS}/evaluate/task_negation_{{task}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/task_negation_{{task}}.tsv"
+    conda:
+        ENV
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        zoo=zoo_json(),
+        tasks=TASKS,
+        batch=config["evaluation"]["batch_size"],
+        code=EVAL_CODE,
+    shell:
+        "python -m pipeline evaluate --zoo {params.zoo:q} --model task_negation_{wildcards.task} "
+        "--method task_negation --pretrained {input.pretrained} --encoder {input.encoder} "
+        "--tasks {params.tasks} --heads {input.heads} --data {input.data} --batch-size {params.batch} "
+        "--out {output} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,81 @@
+"""Fisher merging (Matena & Raffel, 2022): per-parameter weighted mean of the fine-tuned
+weights, weighted by each model's diagonal Fisher information.
+
+F_k = mean over N training examples of (d log p(y | x) / d theta)^2 with y sampled from the
+model's own prediction (the true Fisher, not the empirical one), through the task's frozen
+zero-shot head. theta = sum_k c_k (F_k + eps) theta_k / sum_k c_k (F_k + eps), with
+c_k = 1 / ||F_k|| when ``normalize`` (FusionBench's default; eps = 1e-6 as there and in the
+paper's code). Tensors that are not parameters (buffers) are averaged. Only one fine-tuned
+model and its Fisher are in memory at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from pipeline.merging import StateDict
+from pipeline.models.clip import logits
+
+DEFAULT_EXAMPLES = 256
+DEFAULT_MIN_FISHER = 1e-6
+
+
+def diagonal_fisher(encoder: nn.Module, head: torch.Tensor, dataset: Dataset, examples: int = DEFAULT_EXAMPLES,
+                    seed: int = 0, desc: str = "fisher") -> StateDict:
+    """Diagonal Fisher of ``encoder`` + ``head`` on the first ``examples`` of ``dataset``
+    (in a seeded random order), labels sampled from the model's predictions."""
+    params = dict(encoder.named_parameters())
+    fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=gen)[:examples]
+    encoder.eval()
+    for i in tqdm(order.tolist(), desc=desc, mininterval=2):
+        x = dataset[i][0].unsqueeze(0)
+        log_p = F.log_softmax(logits(encoder(x), head), dim=-1)[0]
+        y = torch.multinomial(log_p.detach().exp(), 1, generator=gen)[0]
+        grads = torch.autograd.grad(log_p[y], list(params.values()), allow_unused=True)
+        for name, g in zip(params, grads):
+            if g is not None:
+                fisher[name] += g.float() ** 2
+    return {name: f / len(order) for name, f in fisher.items()}
+
+
+def fisher_average(models: Iterable[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]],
+                   min_fisher: float = DEFAULT_MIN_FISHER, normalize: bool = True) -> StateDict:
+    """Fisher-weighted mean of ``(state dict, fisher)`` pairs, streamed one model at a time.
+
+    Floating tensors without a Fisher are averaged, others are taken from the first model."""
+    num, den, count, first = {}, {}, 0, None
+    for state, fisher in models:
+        first = first or state
+        count += 1
+        scale = 1.0 / (torch.sqrt(sum((f.float() ** 2).sum() for f in fisher.values())) + min_fisher) if normalize else 1.0
+        for key, value in state.items():
+            if not value.is_floating_point():
+                continue
+            weight = scale * (fisher[key].float() + min_fisher) if key in fisher else torch.ones_like(value, dtype=torch.float32)
+            num[key] = num.get(key, 0) + weight * value.float()
+            den[key] = den.get(key, 0) + weight
+    if not count:
+        raise ValueError("Fisher merging needs at least one model")
+    return {key: (num[key] / den[key]).to(v.dtype) if key in num else v for key, v in first.items()}
+
+
+def merge(encoder: nn.Module, tasks: Iterable[tuple[str, Mapping[str, torch.Tensor], torch.Tensor, Dataset]],
+          examples: int = DEFAULT_EXAMPLES, min_fisher: float = DEFAULT_MIN_FISHER, normalize: bool = True,
+          seed: int = 0) -> StateDict:
+    """Fisher-merge the fine-tuned encoders of ``tasks`` (name, state dict, head, train
+    dataset); ``encoder`` is a module of the architecture, its weights are overwritten."""
+
+    def models():
+        for name, state, head, data in tasks:
+            encoder.load_state_dict(state)
+            yield state, diagonal_fisher(encoder, head, data, examples, seed, desc=f"fisher {name}")
+
+    return fisher_average(models(), min_fisher, normalize)

@@ -1,0 +1,182 @@
+"""The zarr task-vector store of a zoo (DESIGN section 5).
+
+    results/{zoo}/task_vectors.zarr/            zarr v3 group
+    results/{zoo}/task_vectors.zarr/{task}/     one subgroup per task, attributes:
+        task, base_hash (state_dict_hash of the pretrained encoder), source_sha256 (of the
+        fine-tuned checkpoint), chunk_elements, keys (state-dict order), complete (written last)
+    results/{zoo}/task_vectors.zarr/{task}/{key}  one flat fp32 array per floating tensor of
+        the image encoder, named by its state-dict key, chunked into ``chunk_elements``
+        entries; attributes: shape and dtype of the source tensor
+
+A task vector is fine-tuned minus pretrained, computed in fp32. A subgroup is written under a
+temporary name next to the store and renamed into place, and readers accept only subgroups
+whose ``complete`` attribute is set, so a killed writer leaves nothing a reader trusts.
+:class:`TaskVectorStore` streams the K task vectors chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from tqdm import tqdm
+
+from pipeline.models.checkpoints import check_compatible, check_finite, sha256_file, state_dict_hash
+
+DEFAULT_CHUNK_MIB = 4.0
+_ITEMSIZE = 4  # fp32
+
+
+def chunk_elements(chunk_mib: float) -> int:
+    """Entries per chunk of fp32 arrays for a chunk size in MiB."""
+    if chunk_mib <= 0:
+        raise ValueError(f"chunk size must be positive, got {chunk_mib} MiB")
+    return max(1, int(chunk_mib * 2**20) // _ITEMSIZE)
+
+
+def _ensure_root(root: Path) -> None:
+    """Create the store's root group metadata atomically (concurrent writers agree on it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    if (root / "zarr.json").exists():
+        return
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.root.", suffix=".tmp"))
+    try:
+        zarr.open_group(str(tmp), mode="w", attributes={"content": "task vectors"})
+        os.replace(tmp / "zarr.json", root / "zarr.json")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_task_vector(root: str | Path, task: str, pretrained: Mapping[str, torch.Tensor],
+                      finetuned: Mapping[str, torch.Tensor], source: str | Path,
+                      chunk_mib: float = DEFAULT_CHUNK_MIB) -> Path:
+    """Write ``finetuned - pretrained`` (floating tensors of the image encoder) as the
+    subgroup ``task`` of the store at ``root``; returns the subgroup's path.
+
+    Refuses checkpoints whose keys, shapes or dtypes differ from ``pretrained`` and task
+    vectors with NaN or Inf, naming the task and the tensor.
+    """
+    root, source = Path(root), Path(source)
+    check_compatible(pretrained, finetuned, "the pretrained encoder", f"task {task!r} ({source})")
+    check_finite(finetuned, f"task {task!r} ({source})")
+    keys = [k for k, v in pretrained.items() if v.is_floating_point()]
+    attrs = {"task": task, "base_hash": state_dict_hash(pretrained), "source_sha256": sha256_file(source),
+             "chunk_elements": chunk_elements(chunk_mib), "keys": keys}
+    _ensure_root(root)
+    final = root / task
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.{task}.", suffix=".tmp"))
+    try:
+        group = zarr.open_group(str(tmp), mode="w", attributes=attrs)
+        for key in tqdm(keys, desc=f"task vector {task}", mininterval=2):
+            diff = finetuned[key].float() - pretrained[key].float()
+            check_finite({key: diff}, f"task vector of task {task!r}")
+            array = group.create_array(key, shape=(diff.numel(),), dtype="float32",
+                                       chunks=(min(attrs["chunk_elements"], max(diff.numel(), 1)),),
+                                       compressors=None, fill_value=0.0,
+                                       attributes={"shape": list(diff.shape),
+                                                   "dtype": str(pretrained[key].dtype).removeprefix("torch.")})
+            array[:] = diff.reshape(-1).numpy()
+        group.attrs["complete"] = True  # last: readers trust only complete subgroups
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+class TaskVectorStore:
+    """Read access to the task vectors of ``tasks`` in the store at ``root``.
+
+    Checks on opening that every subgroup is complete, that all share one base model (and
+    equal ``base_hash`` when given) and that their keys and shapes agree.
+    """
+
+    def __init__(self, root: str | Path, tasks: Sequence[str], base_hash: str | None = None):
+        self.root = Path(root)
+        if not tasks:
+            raise ValueError("no tasks given to read from the task-vector store")
+        self.tasks = list(tasks)
+        self.groups = {t: self._open(t) for t in self.tasks}
+        first = self.tasks[0]
+        ref_hash = base_hash or self.groups[first].attrs["base_hash"]
+        ref_name = "the given pretrained encoder" if base_hash else f"task {first!r}"
+        ref_arrays = self._arrays(first)
+        for task in self.tasks:
+            arrays = self._arrays(task)
+            if arrays != ref_arrays:
+                diff = sorted(k for k in set(arrays) | set(ref_arrays) if arrays.get(k) != ref_arrays.get(k))
+                raise ValueError(
+                    f"task vectors of task {task!r} and task {first!r} differ in tensors or shapes at "
+                    f"{diff[:5]}: {task!r} has {[arrays.get(k) for k in diff[:5]]}, {first!r} has "
+                    f"{[ref_arrays.get(k) for k in diff[:5]]}; both must come from one architecture")
+            got = self.groups[task].attrs["base_hash"]
+            if got != ref_hash:
+                raise ValueError(
+                    f"task vectors of task {task!r} (base model hash {got[:12]}) and {ref_name} "
+                    f"(base model hash {ref_hash[:12]}) come from different pretrained models and "
+                    f"cannot be combined; rebuild {self.root / task} from the zoo's pretrained model")
+        self.base_hash = ref_hash
+        self.shapes = {k: tuple(shape) for k, (shape, _) in ref_arrays.items()}
+        self.dtypes = {k: getattr(torch, dtype) for k, (_, dtype) in ref_arrays.items()}
+        self.keys = list(self.shapes)
+
+    def _open(self, task: str) -> zarr.Group:
+        path = self.root / task
+        try:
+            group = zarr.open_group(str(path), mode="r")
+        except FileNotFoundError:
+            group = None
+        if group is None or not group.attrs.get("complete", False):
+            raise FileNotFoundError(
+                f"task vector of task {task!r} at {path} is missing or incomplete (a killed write); "
+                f"rebuild it with `snakemake {path}`")
+        return group
+
+    def _arrays(self, task: str) -> dict[str, tuple[list[int], str]]:
+        group = self.groups[task]
+        return {key: (group[key].attrs["shape"], group[key].attrs["dtype"]) for key in group.attrs["keys"]}
+
+    def numel(self) -> int:
+        """Entries d of one full task vector."""
+        return sum(int(np.prod(s)) for s in self.shapes.values())
+
+    def chunks(self, device: torch.device | str | None = None, tasks: Sequence[str] | None = None,
+               progress: str | None = None) -> Iterator[tuple[str, slice, torch.Tensor]]:
+        """Yield ``(key, flat slice, (K, n) fp32 tensor)`` over every tensor chunk by chunk,
+        K = len(tasks) (default all). Only one chunk per task is in memory at a time.
+        Refuses NaN or Inf, naming task and tensor."""
+        tasks = self.tasks if tasks is None else list(tasks)
+        keys = tqdm(self.keys, desc=progress, mininterval=2) if progress else self.keys
+        for key in keys:
+            arrays = [self.groups[t][key] for t in tasks]
+            size, step = arrays[0].shape[0], arrays[0].chunks[0]
+            for start in range(0, size, step):
+                span = slice(start, min(start + step, size))
+                block = torch.from_numpy(np.stack([a[span] for a in arrays]))
+                if not bool(torch.isfinite(block).all()):
+                    bad = [t for t, row in zip(tasks, block) if not bool(torch.isfinite(row).all())]
+                    raise ValueError(f"task vector of task {bad[0]!r} has NaN or Inf in tensor {key!r} "
+                                     f"({self.root / bad[0]}); rebuild it from a finite checkpoint")
+                yield key, span, block.to(device) if device is not None else block
+
+    def describe(self) -> dict:
+        """Provenance of the store's subgroups (for settings files)."""
+        return {"store": str(self.root), "base_hash": self.base_hash,
+                "sources": {t: self.groups[t].attrs["source_sha256"] for t in self.tasks}}
+
+
+def assemble(store: TaskVectorStore, reduce, device: torch.device | str | None = None,
+             progress: str | None = None) -> dict[str, torch.Tensor]:
+    """Full-shape fp32 tensors (on CPU) of ``reduce((K, n) chunk) -> (n,)`` over all chunks."""
+    out = {k: torch.empty(store.shapes[k], dtype=torch.float32) for k in store.keys}
+    for key, span, block in store.chunks(device, progress=progress):
+        out[key].view(-1)[span] = reduce(block).float().cpu()
+    return out
+

@@ -1,0 +1,27 @@
+# Task-vector store: one zarr subgroup per task (fine-tuned minus pretrained), written atomically.
+
+
+rule task_vector:
+    input:
+        pretrained=f"{MODELS}/pretrained.safetensors",
+        finetuned=f"{MODELS}/finetuned/{{task}}.safetensors",
+    output:
+        directory(f"{STORE}/{{task}}"),
+    log:
+        f"{LOGS}/task_vector/{{task}}.log",
+    benchmark:
+        f"{BENCH}/task_vector/{{task}}.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        zoo=zoo_json(),
+        chunk_mib=config["merging"]["chunk_mib"],
+        code=code_version("store/task_vectors.py", "models/checkpoints.py"),
+    shell:
+        "python -m pipeline task-vector --zoo {params.zoo:q} --task {wildcards.task} "
+        "--pretrained {input.pretrained} --finetuned {input.finetuned} "
+        "--chunk-mib {params.chunk_mib} --out {output} --threads {threads} > {log} 2>&1"

@@ -11,7 +11,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-MODEL_ORDER = ["zeroshot", "weight_averaging", "task_arithmetic", "individual"]
+MODEL_ORDER = ["zeroshot", "individual", "multitask", "weight_averaging", "fisher_merging", "regmean",
+               "task_arithmetic", "ties_merging", "adamerging_task_wise", "adamerging_task_wise_plus",
+               "adamerging_layer_wise", "adamerging_layer_wise_plus"]
+REFERENCES = {"zeroshot", "individual", "multitask"}  # not merges: no bold for them
 PACKAGES = ["torch", "open_clip_torch", "snakemake", "zarr", "pyarrow", "triton"]
 
 CSS = """
@@ -52,7 +55,7 @@ def stage_timings(benchmarks: list[str]) -> pd.DataFrame:
         return pd.DataFrame(columns=["stage", "jobs", "seconds", "max_rss_mb"])
     df = pd.DataFrame(rows)
     return df.groupby("stage").agg(jobs=("job", "count"), seconds=("seconds", "sum"),
-                                   max_rss_mb=("max_rss_mb", "max")).reset_index()
+                                   max_rss_mb=("max_rss_mb", "max")).reset_index().astype({"jobs": str})
 
 
 def zoo_checks(table: pd.DataFrame, tasks: list[str], chance: dict[str, float]) -> list[tuple[str, bool]]:
@@ -74,8 +77,9 @@ def zoo_checks(table: pd.DataFrame, tasks: list[str], chance: dict[str, float]) 
 
 
 def _html_table(df: pd.DataFrame, caption: str, bold_max: bool = False) -> str:
+    """A booktabs-style table; with ``bold_max`` the best merge per column is bold."""
     cols = list(df.columns)
-    best = df.max(axis=0) if bold_max else None
+    best = df.drop(index=[i for i in df.index if i in REFERENCES]).max(axis=0) if bold_max else None
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in [df.index.name or ""] + cols)
     body = []
     for idx, row in df.iterrows():
@@ -83,7 +87,8 @@ def _html_table(df: pd.DataFrame, caption: str, bold_max: bool = False) -> str:
         for c in cols:
             v = row[c]
             text = f"{v:.1f}" if isinstance(v, float) else html.escape(str(v))
-            cls = ' class="best"' if bold_max and isinstance(v, float) and v == best[c] else ""
+            is_best = bold_max and idx not in REFERENCES and isinstance(v, float) and v == best[c]
+            cls = ' class="best"' if is_best else ""
             cells.append(f"<td{cls}>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead>"
@@ -95,7 +100,8 @@ def write_report(eval_files: list[str], config: dict, benchmarks: list[str], zoo
     """Write the markdown and HTML report and the accuracy table (parquet)."""
     evals = pd.concat([pd.read_parquet(f) for f in eval_files], ignore_index=True)
     tasks, heldout = list(zoo["tasks"]), list(zoo.get("heldout_tasks", []))
-    main = accuracy_table(evals, tasks)
+    negation = evals["model"].str.startswith("task_negation_")
+    main = accuracy_table(evals[~negation], tasks)
     main.index.name = "method"
     main.reset_index().to_parquet(table_path, index=False)
     chance = {t: 100.0 / n for t, n in _class_counts(zoo, tasks + heldout).items()}
@@ -115,6 +121,13 @@ def write_report(eval_files: list[str], config: dict, benchmarks: list[str], zoo
         held.index.name = "model"
         sections_md += ["## Held-out tasks (not merged)", "", held.round(1).to_markdown(), ""]
         sections_html.append(_html_table(held, "Table 2. Held-out tasks, kept for the unseen-task experiment."))
+    if negation.any():
+        neg = accuracy_table(evals[negation], tasks)
+        neg.index = [m.removeprefix("task_negation_") for m in neg.index]
+        neg.index.name = "negated task"
+        sections_md += ["## Task negation", "", neg.round(1).to_markdown(), ""]
+        sections_html.append(_html_table(neg, "Table 3. Task negation: accuracy (%) after subtracting one "
+                                               "task's vector (rows); the negated task should drop."))
     if checks:
         sections_md += ["## Zoo quality", ""] + [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks] + [""]
         items = "".join(f"<li class=\"{'ok' if ok else 'fail'}\">{'&#10003;' if ok else '&#10007;'} "

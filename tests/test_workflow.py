@@ -61,8 +61,15 @@ def test_adding_a_task_reruns_only_its_jobs_and_the_whole_set_jobs(micro_run: Pa
     cfg["zoo"]["tasks"].append("count")
     (micro_run / "config/added.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake("-n", "--cores", "2", "--configfile", "config/added.yaml", cwd=micro_run)
+    n_methods = 6  # weight averaging, task arithmetic, TIES, Fisher, RegMean, multi-task learning
     assert job_counts(proc.stdout) == {
-        "task_data": 1, "zero_shot_head": 1, "finetune": 1, "evaluate_individual": 1,
-        "evaluate_zeroshot": 1, "merge": 2, "evaluate_merged": 2, "report": 1, "all": 1,
+        # the new task's own jobs
+        "task_data": 1, "zero_shot_head": 1, "finetune": 1, "task_vector": 1, "task_negation": 1,
+        "evaluate_individual": 1,
+        # the jobs that consume the whole task set (the other tasks' negations are re-evaluated
+        # because their evaluation covers every task)
+        "evaluate_zeroshot": 1, "merge_weight_averaging": 1, "lambda_search": 2, "merge_with_data": 2,
+        "multitask": 1, "evaluate_merged": n_methods, "evaluate_negation": len(cfg["zoo"]["tasks"]),
+        "report": 1, "all": 1,
     }
     assert "wildcards: task=count" in proc.stdout

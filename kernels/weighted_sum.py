@@ -157,14 +157,13 @@ class WeightedSumFunction(torch.autograd.Function):
 
 def weighted_sum_reference(base: torch.Tensor, tvs: torch.Tensor, lambdas: torch.Tensor,
                            offsets: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """Torch twin: plain differentiable ops, accumulating in ``base.dtype``."""
-    off = torch.as_tensor(offsets, dtype=torch.int64, device=base.device)
-    lens = off[1:] - off[:-1]
-    out = base
-    for k in range(tvs.shape[0]):
-        lam = lambdas[k].to(base.dtype).repeat_interleave(lens, output_size=base.shape[0])
-        out = out + lam * tvs[k].to(base.dtype)
-    return out
+    """Torch twin: one matrix-vector product per segment (plain differentiable ops,
+    accumulating in ``base.dtype``), so that autograd's backward is one per segment too."""
+    off = [int(o) for o in (offsets.tolist() if torch.is_tensor(offsets) else offsets)]
+    lam = lambdas.to(base.dtype)
+    parts = [torch.addmv(base[a:b], tvs[:, a:b].t().to(base.dtype), lam[:, seg])
+             for seg, (a, b) in enumerate(zip(off, off[1:]))]
+    return torch.cat(parts) if parts else base.clone()
 
 
 def weighted_sum(base: torch.Tensor, tvs: torch.Tensor, lambdas: torch.Tensor,

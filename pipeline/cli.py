@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     verb("report", cmd_report, (["--eval"], {"nargs": "+", "required": True}), (["--config"], {"required": True, "help": "the run's config as JSON"}),
          (["--benchmark-dir"], {"required": True}), (["--markdown"], {"required": True}),
          (["--html"], {"required": True}), (["--table"], {"required": True}))
+    from pipeline.merging.adamerging import add_adamerging_verb
+
+    add_adamerging_verb(sub)
     return p
 
 

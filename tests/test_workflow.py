@@ -70,6 +70,7 @@ def test_adding_a_task_reruns_only_its_jobs_and_the_whole_set_jobs(micro_run: Pa
         # because their evaluation covers every task)
         "evaluate_zeroshot": 1, "merge_weight_averaging": 1, "lambda_search": 2, "merge_with_data": 2,
         "multitask": 1, "evaluate_merged": n_methods, "evaluate_negation": len(cfg["zoo"]["tasks"]),
+        "adamerging": 4, "evaluate_adamerging": 4,
         "report": 1, "all": 1,
     }
     assert "wildcards: task=count" in proc.stdout

@@ -107,6 +107,7 @@ def eval_files():
         + [f"{RESULTS}/eval/individual/{t}.parquet" for t in ALL_TASKS]
         + [f"{RESULTS}/eval/{m}.parquet" for m in MERGE_METHODS]
         + [f"{RESULTS}/eval/task_negation/{t}.parquet" for t in NEGATED]
+        + [f"{RESULTS}/eval/adamerging_{v}.parquet" for v in ADAMERGING_VARIANTS]
     )
 
 

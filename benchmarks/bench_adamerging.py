@@ -1,0 +1,194 @@
+"""Step time of layer-wise AdaMerging: our fused flat-vector step against a naive state-dict
+rebuild and FusionBench's ``LayerWiseMergedModel`` (when ``fusion_bench`` is importable).
+
+For each model it times, interleaved over rounds (medians), on one fixed batch:
+
+* floor: one forward + backward of the encoder with fixed weights (weight gradients on), the
+  same entropy loss: what any AdaMerging step must at least cost;
+* ours: ``FusedMerge`` (``kernels.weighted_sum`` + ``functional_call`` on views) + Adam step;
+* naive: the merged state dict rebuilt per step from pretrained + sum_k lambda * tau_k with
+  ``torch.func.functional_call`` + Adam step;
+* fusion_bench: ``merge_weights()`` then forward, as FusionBench's layer-wise AdaMerging does;
+
+and prints each step's overhead over the floor and the ratios. Models: the synthetic tiny
+ViT and an open_clip ViT-B-32 image encoder, K random task vectors. On CPU by default.
+
+    python benchmarks/bench_adamerging.py [--configs tiny vit-b-32] [--rounds N] [--device cpu]
+
+FusionBench is benchmark-only; to include it without touching the project's venv:
+
+    python -m venv /tmp/fb-venv
+    .venv/bin/python -c "import site; print(site.getsitepackages()[0])" \
+        > "$(/tmp/fb-venv/bin/python -c 'import site; print(site.getsitepackages()[0])')/main.pth"
+    /tmp/fb-venv/bin/pip install --no-deps fusion-bench && /tmp/fb-venv/bin/pip install omegaconf hydra-core
+    /tmp/fb-venv/bin/python benchmarks/bench_adamerging.py
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.functional import FlatLayout  # noqa: E402
+from pipeline.merging.adamerging import FusedMerge, entropy_loss  # noqa: E402
+from pipeline.models.clip import create_model  # noqa: E402
+
+CONFIGS = {  # name: (arch, tasks, batch size, batches per task)
+    "tiny": ("synth-vit-tiny", 8, 16, 2),
+    "vit-b-32": ("ViT-B-32", 8, 1, 1),
+}
+CLASSES = 10
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Case:
+    """One model's encoder, task vectors, heads and batch."""
+
+    def __init__(self, name: str, device: torch.device, seed: int = 0):
+        arch, self.k, bs, nb = CONFIGS[name]
+        torch.manual_seed(seed)
+        self.encoder = create_model(arch).visual.eval().requires_grad_(False).to(device)
+        self.pre = {k: v.detach() for k, v in self.encoder.state_dict().items()}
+        self.layout = FlatLayout.of(self.pre)
+        self.base = self.layout.flatten(self.pre)
+        self.tvs = 0.01 * torch.randn(self.k, self.layout.numel, device=device)
+        self.tau = [self.layout.unflatten(row) for row in self.tvs]  # views: no extra memory
+        size = self.encoder.image_size[0]
+        self.x = torch.randn(self.k * bs * nb, 3, size, size, device=device)
+        self.sizes = [[bs] * nb for _ in range(self.k)]
+        dim = self.encoder.output_dim
+        self.heads = [20 * nn.functional.normalize(torch.randn(CLASSES, dim, device=device), dim=-1)
+                      for _ in range(self.k)]
+        self.device = device
+
+    def loss(self, features: torch.Tensor) -> torch.Tensor:
+        return entropy_loss(features, self.heads, self.sizes)
+
+
+def floor_step(case: Case) -> Callable[[], None]:
+    encoder = copy.deepcopy(case.encoder).requires_grad_(True)
+
+    def step() -> None:
+        encoder.zero_grad(set_to_none=True)
+        case.loss(encoder(case.x)).backward()
+    return step
+
+
+def ours_step(case: Case) -> Callable[[], None]:
+    model = FusedMerge(case.encoder, case.layout, case.base, case.tvs, True, 0.3, (0.0, 1.0))
+    opt = torch.optim.Adam([model.lambda_raw], lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        case.loss(model(case.x)).backward()
+        opt.step()
+    return step
+
+
+def naive_step(case: Case) -> Callable[[], None]:
+    raw = torch.full((case.k, len(case.layout.names)), 0.3, device=case.device, requires_grad=True)
+    opt = torch.optim.Adam([raw], lr=1e-3)
+
+    def step() -> None:
+        lam = raw.clamp(0, 1)
+        params = {name: case.pre[name] + sum(lam[k, seg] * case.tau[k][name] for k in range(case.k))
+                  for seg, name in enumerate(case.layout.names)}
+        opt.zero_grad(set_to_none=True)
+        case.loss(functional_call(case.encoder, params, (case.x,))).backward()
+        opt.step()
+    return step
+
+
+def fusion_bench_step(case: Case) -> Callable[[], None]:
+    from fusion_bench.models.wrappers.layer_wise_fusion import LayerWiseMergedModel, get_layer_wise_weights
+
+    finetuned = []
+    for tau in case.tau:
+        model = copy.deepcopy(case.encoder).requires_grad_(True)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.add_(tau[name])
+        finetuned.append(model)
+    pretrained = copy.deepcopy(case.encoder).requires_grad_(True)
+    n_params = len(list(pretrained.parameters()))
+    merged = LayerWiseMergedModel(get_layer_wise_weights(case.k, n_params, 0.3).to(case.device),
+                                  pretrained, finetuned, clamp_weights=True)
+    opt = torch.optim.Adam([merged.merge_weight], lr=1e-3)
+
+    def step() -> None:
+        merged.merge_weights()
+        opt.zero_grad(set_to_none=True)
+        case.loss(merged(case.x)).backward()
+        opt.step()
+    return step
+
+
+def fusion_bench_available() -> bool:
+    try:
+        import fusion_bench.models.wrappers.layer_wise_fusion  # noqa: F401
+    except ImportError as err:
+        print(f"fusion_bench not importable ({err}); not benchmarked (see this script's docstring)")
+        return False
+    return True
+
+
+def bench(name: str, device: torch.device, rounds: int, with_fb: bool) -> dict[str, float]:
+    case = Case(name, device)
+    steps = {"floor": floor_step(case), "ours": ours_step(case), "naive": naive_step(case)}
+    if with_fb:
+        steps["fusion_bench"] = fusion_bench_step(case)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for fn in steps.values():  # warm-up
+        fn()
+    for _ in range(rounds):
+        for key, fn in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[key].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n_img = case.x.shape[0]
+    print(f"\n{name}: N={case.layout.numel / 1e6:.2f}M params in {len(case.layout.names)} tensors, "
+          f"K={case.k}, {n_img} images/step, {rounds} rounds on {device}, {torch.get_num_threads()} threads")
+    floor = med["floor"]
+    print(f"  {'method':<13}{'step ms':>10}{'overhead ms':>13}{'step/floor':>12}")
+    for key, t in med.items():
+        over = "" if key == "floor" else f"{1e3 * (t - floor):13.1f}"
+        print(f"  {key:<13}{1e3 * t:10.1f}{over:>13}{t / floor:12.3f}")
+    ours = med["ours"] - floor
+    for key in [k for k in med if k not in ("floor", "ours")]:
+        other = med[key] - floor
+        ratio = f"{other / ours:.2f}x" if ours > 0 else "n/a (our overhead is within noise)"
+        print(f"  overhead {key} / ours: {ratio}; step {key} / ours: {med[key] / med['ours']:.2f}x")
+    return med
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    with_fb = fusion_bench_available()
+    for name in a.configs:
+        bench(name, torch.device(a.device), a.rounds, with_fb)
+
+
+if __name__ == "__main__":
+    main()

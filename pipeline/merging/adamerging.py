@@ -1,0 +1,319 @@
+"""AdaMerging (Yang et al., ICLR 2024): merging coefficients learned by entropy minimisation
+on unlabeled test images.
+
+    theta = theta_pre + sum_k clamp(lambda_k^l, 0, 1) tau_k^l
+
+with one coefficient per task (task-wise) or per task and parameter tensor (layer-wise);
+the ``_plus`` variants (AdaMerging++) replace each tau_k by its TIES part (trimmed, elected,
+disjoint). Defaults follow the official code: lambda starts at 0.3, Adam (lr 1e-3, betas
+(0.9, 0.999)), 500 steps, each step two freshly shuffled batches of 16 images per task, loss
+= sum over tasks and batches of the mean Shannon entropy of the softmax predictions through
+each task's frozen zero-shot head, one backward per step.
+
+The merged weights are one flat vector per step (``kernels.weighted_sum``: Triton on CUDA)
+and the encoder runs on views of it (:mod:`pipeline.functional`); all tasks' batches go
+through the encoder as one batch (a ViT treats samples independently), gradients reach the
+raw coefficients only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kernels import ties_merge, weighted_sum
+from pipeline.functional import FlatLayout, functional_forward
+from pipeline.models.clip import logits
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+# variant -> (one coefficient per tensor, TIES parts instead of task vectors)
+VARIANTS = {
+    "task_wise": (False, False),
+    "layer_wise": (True, False),
+    "task_wise_plus": (False, True),
+    "layer_wise_plus": (True, True),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """AdaMerging hyper-parameters (defaults: the official code)."""
+
+    init: float = 0.3
+    clamp: tuple[float, float] = (0.0, 1.0)
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    steps: int = 500
+    batch_size: int = 16
+    batches_per_task: int = 2
+    ties_k: float = 20.0  # AdaMerging++: percentage of entries each task vector keeps
+    log_every: int = 100  # coefficients are recorded every this many steps and at the end
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size < 1 or self.batches_per_task < 1 or self.log_every < 1:
+            raise ValueError(f"AdaMerging settings need steps >= 0 and batch_size, batches_per_task, "
+                             f"log_every >= 1: {self}")
+        if not self.clamp[0] <= self.clamp[1]:
+            raise ValueError(f"AdaMerging clamp bounds {self.clamp} must be (low, high) with low <= high")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Settings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown AdaMerging settings {unknown}; known: {sorted(known)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**values)
+
+
+@dataclass
+class Result:
+    """Outcome of one AdaMerging run. Step s of ``lambda_raw`` is after s optimizer updates;
+    ``entropy[t]`` is the loss computed with the coefficients of step t."""
+
+    variant: str
+    layout: FlatLayout
+    settings: Settings
+    lambda_raw: dict[int, torch.Tensor]  # step -> (K, L) unconstrained coefficients (CPU)
+    entropy: list[float]
+    state_dict: StateDict
+
+    @property
+    def lambdas(self) -> torch.Tensor:
+        """The final coefficients as used in the merge (clamped), (K, L)."""
+        return self.lambda_raw[max(self.lambda_raw)].clamp(*self.settings.clamp)
+
+
+class FusedMerge(nn.Module):
+    """The encoder with weights base + sum_k clamp(lambda_raw[k, seg]) * tvs[k], computed as
+    one flat vector; segments are the layout's tensors (layer-wise) or the whole vector."""
+
+    def __init__(self, encoder: nn.Module, layout: FlatLayout, base: torch.Tensor, tvs: torch.Tensor,
+                 layer_wise: bool, init: float, clamp: tuple[float, float]):
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False).eval()
+        self.layout = layout
+        self.register_buffer("base", base)
+        self.register_buffer("tvs", tvs)
+        self.offsets = layout.offsets if layer_wise else (0, layout.numel)
+        self.clamp = clamp
+        self.lambda_raw = nn.Parameter(torch.full((tvs.shape[0], len(self.offsets) - 1), float(init),
+                                                  device=base.device))
+
+    def coefficients(self) -> torch.Tensor:
+        return self.lambda_raw.clamp(*self.clamp)
+
+    def merged(self) -> torch.Tensor:
+        """(N,) merged weights, differentiable w.r.t. ``lambda_raw`` only."""
+        return weighted_sum(self.base, self.tvs, self.coefficients(), self.offsets)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return functional_forward(self.encoder, self.layout, self.merged(), (images,))
+
+
+def task_vector_matrix(layout: FlatLayout, base: torch.Tensor, finetuned: Sequence[StateDict]) -> torch.Tensor:
+    """(K, N) task vectors theta_k - theta_pre in ``layout`` order, on ``base``'s device."""
+    tvs = base.new_empty((len(finetuned), layout.numel))
+    for k, sd in enumerate(finetuned):
+        tvs[k] = layout.flatten(sd)
+        tvs[k] -= base
+    return tvs
+
+
+def ties_parts(tvs: torch.Tensor, k: float) -> torch.Tensor:
+    """AdaMerging++ inputs: each task vector's trimmed, sign-elected, disjoint TIES part."""
+    return ties_merge(tvs, k=k, merge="sum", return_parts=True)[1]
+
+
+def softmax_entropy(logit: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of the softmax of each row."""
+    return -(logit.softmax(1) * logit.log_softmax(1)).sum(1)
+
+
+def entropy_loss(features: torch.Tensor, heads: Sequence[torch.Tensor],
+                 batch_sizes: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Sum over tasks and batches of the batch-mean prediction entropy; ``features`` holds
+    task 0's batches, then task 1's, ... with ``batch_sizes[t]`` the sizes of task t's."""
+    per_task = features.split([sum(sizes) for sizes in batch_sizes])
+    loss = features.new_zeros(())
+    for feats, head, sizes in zip(per_task, heads, batch_sizes, strict=True):
+        for ent in softmax_entropy(logits(feats, head)).split(list(sizes)):
+            loss = loss + ent.mean()
+    return loss
+
+
+def draw_batches(images: Sequence[torch.Tensor], batch_size: int, n_batches: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, list[list[int]]]:
+    """Per task the first ``n_batches`` batches of a fresh shuffle of its images (as a shuffled
+    DataLoader would give), concatenated, and the batch sizes per task."""
+    xs, sizes = [], []
+    for x in images:
+        take = min(len(x), batch_size * n_batches)
+        xs.append(x[torch.randperm(len(x), generator=generator)[:take]])
+        sizes.append([min(batch_size, take - s) for s in range(0, take, batch_size)])
+    return torch.cat(xs), sizes
+
+
+def adamerge(variant: str, encoder: nn.Module, finetuned: Sequence[StateDict] | torch.Tensor,
+             heads: Sequence[torch.Tensor], images: Sequence[torch.Tensor], settings: Settings = Settings(),
+             device: torch.device | str | None = None, progress: bool = True) -> Result:
+    """Learn AdaMerging coefficients and return them with the entropy curve and merged weights.
+
+    Args:
+        variant: one of ``VARIANTS``.
+        encoder: the pretrained image encoder; it is moved to ``device``, frozen and set to
+            eval mode, its weights are left as they are.
+        finetuned: the fine-tuned encoders' state dicts, or their (K, N) task vectors in
+            ``FlatLayout.of(encoder.state_dict())`` order.
+        heads: per task the (classes, dim) zero-shot head.
+        images: per task the unlabeled (normalised) test images, a preloaded tensor cache.
+        device: where to compute (default: CUDA when available).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown AdaMerging variant {variant!r}; known: {sorted(VARIANTS)}")
+    if not len(finetuned) == len(heads) == len(images) >= 1:
+        raise ValueError(f"need as many heads ({len(heads)}) and image sets ({len(images)}) "
+                         f"as fine-tuned models ({len(finetuned)}), at least one")
+    if any(len(x) == 0 for x in images):
+        raise ValueError("every task needs at least one unlabeled image")
+    s = settings
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    layer_wise, plus = VARIANTS[variant]
+    pretrained = encoder.state_dict()
+    layout = FlatLayout.of(pretrained)
+    base = layout.flatten(pretrained).to(device)
+    if torch.is_tensor(finetuned):
+        if finetuned.shape != (len(heads), layout.numel):
+            raise ValueError(f"task vectors of shape {tuple(finetuned.shape)}, expected ({len(heads)}, {layout.numel})")
+        tvs = finetuned.to(device=device, dtype=torch.float32)
+    else:
+        tvs = task_vector_matrix(layout, base, finetuned)
+    if plus:
+        tvs = ties_parts(tvs, s.ties_k)
+    model = FusedMerge(encoder.to(device), layout, base, tvs, layer_wise, s.init, s.clamp)
+    heads = [h.to(device=device, dtype=torch.float32) for h in heads]
+    optimizer = torch.optim.Adam([model.lambda_raw], lr=s.lr, betas=s.betas)
+    generator = torch.Generator().manual_seed(s.seed)
+    history = {0: model.lambda_raw.detach().cpu().clone()}
+    entropy = []
+    bar = tqdm(range(s.steps), desc=f"adamerging {variant}", disable=not progress, mininterval=2)
+    for step in bar:
+        x, sizes = draw_batches(images, s.batch_size, s.batches_per_task, generator)
+        loss = entropy_loss(model(x.to(device, non_blocking=True)), heads, sizes)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        entropy.append(loss.item())
+        bar.set_postfix(entropy=f"{entropy[-1]:.4f}", refresh=False)
+        done = step + 1
+        if done % s.log_every == 0 or done == s.steps:
+            history[done] = model.lambda_raw.detach().cpu().clone()
+    with torch.no_grad():
+        state_dict = layout.state_dict(model.merged(), pretrained)
+    return Result(variant, layout, s, history, entropy, state_dict)
+
+
+def lambda_table(result: Result, tasks: Sequence[str]) -> pd.DataFrame:
+    """One row per logged step, task and segment: the coefficient used (clamped) and its raw
+    value; layer-wise segments name their tensor and transformer block."""
+    layout, rows = result.layout, []
+    for step, raw in sorted(result.lambda_raw.items()):
+        used = raw.clamp(*result.settings.clamp)
+        layer_wise = raw.shape[1] == len(layout.names)
+        for k, task in enumerate(tasks):
+            for seg in range(raw.shape[1]):
+                rows.append({
+                    "variant": result.variant, "task": task, "segment": seg,
+                    "tensor": layout.names[seg] if layer_wise else None,
+                    "block": layout.block_index(seg) if layer_wise else None,
+                    "step": step, "value": float(used[k, seg]), "raw": float(raw[k, seg]),
+                })
+    table = pd.DataFrame(rows)
+    table["block"] = table["block"].astype("Int64")
+    return table
+
+
+def entropy_table(result: Result) -> pd.DataFrame:
+    """The loss (summed batch-mean entropies) per step."""
+    return pd.DataFrame({"variant": result.variant, "step": range(len(result.entropy)), "entropy": result.entropy})
+
+
+def _write_parquet(table: pd.DataFrame, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.parquet")
+    table.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def add_adamerging_verb(subparsers: argparse._SubParsersAction) -> None:
+    """The ``adamerge`` verb of ``python -m pipeline``."""
+    s = subparsers.add_parser("adamerge", help="learn AdaMerging coefficients and write the merged encoder")
+    s.add_argument("--zoo", type=json.loads, required=True, help="the config's zoo section as JSON")
+    s.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    s.add_argument("--variant", choices=sorted(VARIANTS), required=True)
+    s.add_argument("--pretrained", required=True)
+    s.add_argument("--finetuned", nargs="+", required=True)
+    s.add_argument("--heads", nargs="+", required=True)
+    s.add_argument("--tasks", nargs="+", required=True)
+    s.add_argument("--data", nargs="*", default=[], help="synthetic task files, one per task")
+    s.add_argument("--settings", type=json.loads, default={}, help="Settings fields as JSON")
+    s.add_argument("--max-images", type=int, default=0,
+                   help="cache at most this many test images per task (a fixed random subset; 0: all)")
+    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    s.add_argument("--out", required=True, help="merged encoder (.safetensors)")
+    s.add_argument("--lambdas", required=True, help="coefficients (.parquet)")
+    s.add_argument("--entropy", required=True, help="entropy curve (.parquet)")
+    s.set_defaults(fn=run_adamerging_cli)
+
+
+def run_adamerging_cli(args: argparse.Namespace) -> None:
+    from torch.utils.data import Subset
+
+    from pipeline.data.tasks import as_tensors, load_split
+    from pipeline.models.checkpoints import save_state_dict
+    from pipeline.zoo.store import load_clip, load_encoder_state, load_head
+
+    n = len(args.tasks)
+    if not len(args.finetuned) == len(args.heads) == n or args.data and len(args.data) != n:
+        raise ValueError(f"{n} tasks need as many --finetuned, --heads (and --data) files")
+    settings = Settings.from_dict(args.settings)
+    images = []
+    for task, data_file in zip(args.tasks, args.data or [None] * n):
+        split = load_split(args.zoo, task, "test", data_file)
+        if 0 < args.max_images < len(split):
+            subset = torch.randperm(len(split), generator=torch.Generator().manual_seed(settings.seed))
+            split = Subset(split, subset[: args.max_images].tolist())
+        images.append(as_tensors(split)[0])
+        log.info("task %s: %d unlabeled test images cached", task, len(images[-1]))
+    result = adamerge(
+        args.variant,
+        load_clip(args.zoo, args.pretrained).visual,
+        [load_encoder_state(p) for p in args.finetuned],
+        [load_head(p) for p in args.heads],
+        images,
+        settings,
+        device=None if args.device == "auto" else args.device,
+    )
+    log.info("%s: entropy %.4f -> %.4f, final coefficients in [%.3f, %.3f]", args.variant,
+             result.entropy[0] if result.entropy else float("nan"),
+             result.entropy[-1] if result.entropy else float("nan"),
+             float(result.lambdas.min()), float(result.lambdas.max()))
+    save_state_dict(result.state_dict, args.out)
+    _write_parquet(lambda_table(result, args.tasks), args.lambdas)
+    _write_parquet(entropy_table(result), args.entropy)

@@ -1,0 +1,211 @@
+"""AdaMerging on the tiny synthetic ViT: the fused flat-vector path against a naive state-dict
+rebuild, clamping, entropy descent, AdaMerging++ inputs, outputs and the CLI verb."""
+
+import argparse
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.func import functional_call
+
+from pipeline.functional import FlatLayout
+from pipeline.merging import adamerging as am
+from pipeline.models.checkpoints import save_state_dict
+from pipeline.models.clip import create_model, logits
+from pipeline.zoo.store import save_head
+
+K, CLASSES, DIM = 3, 5, 64
+# fp32: the fused and naive paths add the same products in different orders
+GRAD_TOL = {"rtol": 1e-4, "atol": 1e-6}
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    """A pretrained tiny encoder, K randomly perturbed fine-tuned ones, heads and images."""
+    torch.manual_seed(0)
+    encoder = create_model("synth-vit-tiny", seed=0).visual.eval()
+    pre = {k: v.clone() for k, v in encoder.state_dict().items()}
+    finetuned = [{k: v + 0.05 * v.std().nan_to_num(1.0) * torch.randn_like(v) for k, v in pre.items()}
+                 for _ in range(K)]
+    heads = [20 * torch.nn.functional.normalize(torch.randn(CLASSES, DIM), dim=-1) for _ in range(K)]
+    images = [torch.randn(32, 3, 32, 32) for _ in range(K)]
+    return encoder, pre, finetuned, heads, images
+
+
+def _fused(zoo, layer_wise, raw):
+    encoder, pre, finetuned, _, _ = zoo
+    layout = FlatLayout.of(pre)
+    base = layout.flatten(pre)
+    model = am.FusedMerge(encoder, layout, base, am.task_vector_matrix(layout, base, finetuned),
+                          layer_wise, init=0.3, clamp=(0.0, 1.0))
+    with torch.no_grad():
+        model.lambda_raw.copy_(raw)
+    return model
+
+
+def _naive_loss(zoo, lambda_raw, x, sizes):
+    """Rebuild the merged state dict from pretrained + sum_k clamp(lambda) * tau_k."""
+    encoder, pre, finetuned, heads, _ = zoo
+    lam = lambda_raw.clamp(0, 1)
+    params = {}
+    for seg, name in enumerate(k for k, v in pre.items() if v.is_floating_point()):
+        col = seg if lam.shape[1] > 1 else 0
+        params[name] = pre[name] + sum(lam[k, col] * (finetuned[k][name] - pre[name]) for k in range(K))
+    return am.entropy_loss(functional_call(encoder, params, (x,)), heads, sizes)
+
+
+def _batch(zoo, seed=0):
+    return am.draw_batches(zoo[4], 16, 2, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("layer_wise", [False, True], ids=["task_wise", "layer_wise"])
+def test_fused_gradient_matches_naive_rebuild(zoo, layer_wise):
+    n_seg = len(FlatLayout.of(zoo[1]).names) if layer_wise else 1
+    raw = torch.rand(K, n_seg, generator=torch.Generator().manual_seed(1)) * 0.8 + 0.1
+    model = _fused(zoo, layer_wise, raw)
+    x, sizes = _batch(zoo)
+    loss = am.entropy_loss(model(x), zoo[3], sizes)
+    loss.backward()
+    naive_raw = raw.clone().requires_grad_()
+    naive = _naive_loss(zoo, naive_raw, x, sizes)
+    naive.backward()
+    torch.testing.assert_close(loss, naive, rtol=1e-5, atol=1e-6)
+    assert model.lambda_raw.grad.abs().max() > 0
+    torch.testing.assert_close(model.lambda_raw.grad, naive_raw.grad, **GRAD_TOL)
+
+
+def test_clamping_uses_bounds_and_blocks_gradient_outside(zoo):
+    raw = torch.tensor([[-0.5], [1.5], [0.4]])
+    model = _fused(zoo, False, raw)
+    inside = _fused(zoo, False, raw.clamp(0, 1))
+    torch.testing.assert_close(model.merged(), inside.merged(), rtol=0, atol=0)
+    x, sizes = _batch(zoo)
+    am.entropy_loss(model(x), zoo[3], sizes).backward()
+    grad = model.lambda_raw.grad[:, 0]
+    assert grad[0] == 0 and grad[1] == 0 and grad[2] != 0
+
+
+def test_views_share_the_flat_vector(zoo):
+    layout = FlatLayout.of(zoo[1])
+    flat = layout.flatten(zoo[1])
+    views = layout.unflatten(flat)
+    start, end = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
+    assert all(start <= v.data_ptr() < end for v in views.values())
+    assert all(torch.equal(views[k], zoo[1][k]) for k in layout.names)
+    assert layout.block_index(layout.names.index("transformer.resblocks.2.ln_1.weight")) == 2
+    assert layout.block_index(layout.names.index("conv1.weight")) is None
+
+
+def test_no_steps_is_task_arithmetic(zoo):
+    encoder, pre, finetuned, heads, images = zoo
+    result = am.adamerge("task_wise", encoder, finetuned, heads, images, am.Settings(steps=0), progress=False)
+    expected = {k: v + 0.3 * sum(ft[k] - v for ft in finetuned) for k, v in pre.items()}  # task arithmetic
+    assert result.state_dict.keys() == pre.keys() and result.entropy == []
+    for k in pre:
+        torch.testing.assert_close(result.state_dict[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def _ties_parts_reference(tvs, k):
+    """TIES (DESIGN section 6) with kthvalue: trimmed, sign-elected, disjoint parts."""
+    d = tvs.shape[1]
+    kth = tvs.abs().kthvalue(d - int(d * k / 100), dim=1, keepdim=True).values
+    trimmed = tvs * (tvs.abs() >= kth)
+    sign = torch.sign(trimmed.sum(0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    return trimmed * torch.where(sign > 0, trimmed > 0, trimmed < 0)
+
+
+def test_plus_variants_merge_the_ties_parts(zoo):
+    encoder, pre, finetuned, heads, images = zoo
+    layout = FlatLayout.of(pre)
+    base = layout.flatten(pre)
+    parts = am.ties_parts(am.task_vector_matrix(layout, base, finetuned), 20)
+    torch.testing.assert_close(parts, _ties_parts_reference(am.task_vector_matrix(layout, base, finetuned), 20),
+                               rtol=0, atol=0)
+    assert 0 < (parts != 0).float().mean() <= 0.2
+    result = am.adamerge("layer_wise_plus", encoder, finetuned, heads, images, am.Settings(steps=0), progress=False)
+    torch.testing.assert_close(layout.flatten(result.state_dict), base + 0.3 * parts.sum(0), rtol=1e-6, atol=1e-6)
+
+
+def test_entropy_decreases_and_tables(zoo):
+    encoder, _, finetuned, heads, images = zoo
+    # 2 batches of 8 out of 16 images per task: every step sees all, the loss is deterministic
+    settings = am.Settings(steps=12, lr=2e-2, log_every=5, batch_size=8)
+    images = [x[:16] for x in images]
+    result = am.adamerge("layer_wise", encoder, finetuned, heads, images, settings, progress=False)
+    e = result.entropy
+    assert len(e) == 12 and e[-1] < e[0] - 1e-3
+    assert all(b < a for a, b in itertools.pairwise(e))
+    assert sorted(result.lambda_raw) == [0, 5, 10, 12]
+    lam = am.lambda_table(result, ["a", "b", "c"])
+    n_seg = len(result.layout.names)
+    assert len(lam) == 4 * K * n_seg
+    assert lam["value"].between(0, 1).all() and set(lam["step"]) == {0, 5, 10, 12}
+    assert np.allclose(lam.loc[lam.step == 0, "value"], 0.3)
+    assert lam["block"].dropna().astype(int).between(0, 3).all()
+    ent = am.entropy_table(result)
+    assert list(ent.columns) == ["variant", "step", "entropy"] and ent["step"].tolist() == list(range(12))
+    # the merged weights are the final clamped coefficients' merge
+    final = result.lambdas
+    np.testing.assert_allclose(lam.loc[lam.step == 12, "value"], final.reshape(-1).numpy(), rtol=1e-7)
+
+
+def test_task_vectors_as_input_and_bad_inputs(zoo):
+    encoder, pre, finetuned, heads, images = zoo
+    layout = FlatLayout.of(pre)
+    base = layout.flatten(pre)
+    tvs = am.task_vector_matrix(layout, base, finetuned)
+    s = am.Settings(steps=2)
+    a = am.adamerge("task_wise", encoder, finetuned, heads, images, s, progress=False)
+    b = am.adamerge("task_wise", encoder, tvs, heads, images, s, progress=False)
+    assert a.entropy == pytest.approx(b.entropy, rel=1e-6)
+    with pytest.raises(ValueError, match="unknown AdaMerging variant"):
+        am.adamerge("nope", encoder, finetuned, heads, images)
+    with pytest.raises(ValueError, match="as many heads"):
+        am.adamerge("task_wise", encoder, finetuned, heads[:2], images)
+    with pytest.raises(ValueError, match="unknown AdaMerging settings"):
+        am.Settings.from_dict({"learning_rate": 1})
+    assert am.Settings.from_dict({"betas": [0.5, 0.9]}).betas == (0.5, 0.9)
+
+
+def test_cli_writes_model_lambdas_and_entropy(zoo, tmp_path):
+    _, pre, finetuned, heads, _ = zoo
+    clip = create_model("synth-vit-tiny", seed=0)
+    save_state_dict(clip.state_dict(), tmp_path / "pretrained.safetensors")
+    files = {"finetuned": [], "heads": [], "data": []}
+    rng = np.random.default_rng(0)
+    for t in range(2):
+        save_state_dict(finetuned[t], tmp_path / f"ft{t}.safetensors")
+        save_head(heads[t], tmp_path / f"head{t}.safetensors")
+        np.savez(tmp_path / f"t{t}.npz", x_test=rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8),
+                 y_test=np.zeros(20, dtype=np.int64))
+        files["finetuned"].append(str(tmp_path / f"ft{t}.safetensors"))
+        files["heads"].append(str(tmp_path / f"head{t}.safetensors"))
+        files["data"].append(str(tmp_path / f"t{t}.npz"))
+    parser = argparse.ArgumentParser()
+    am.add_adamerging_verb(parser.add_subparsers(dest="verb"))
+    zoo_cfg = {"name": "t", "source": "synthetic", "arch": "synth-vit-tiny", "seed": 0}
+    out = tmp_path / "out"
+    args = parser.parse_args([
+        "adamerge", "--zoo", json.dumps(zoo_cfg), "--variant", "task_wise_plus",
+        "--pretrained", str(tmp_path / "pretrained.safetensors"), "--finetuned", *files["finetuned"],
+        "--heads", *files["heads"], "--tasks", "a", "b", "--data", *files["data"],
+        "--settings", json.dumps({"steps": 3, "log_every": 2}), "--max-images", "10", "--device", "cpu",
+        "--out", str(out / "model.safetensors"), "--lambdas", str(out / "lambdas.parquet"),
+        "--entropy", str(out / "entropy.parquet"),
+    ])
+    args.fn(args)
+    merged = load_file(str(out / "model.safetensors"))
+    assert merged.keys() == pre.keys()
+    lam = pd.read_parquet(out / "lambdas.parquet")
+    assert set(lam["task"]) == {"a", "b"} and set(lam["step"]) == {0, 2, 3} and lam["tensor"].isna().all()
+    ent = pd.read_parquet(out / "entropy.parquet")
+    assert len(ent) == 3 and (ent["variant"] == "task_wise_plus").all()
+    # the merged encoder gives finite logits
+    enc = clip.visual
+    enc.load_state_dict(merged)
+    assert torch.isfinite(logits(enc(torch.randn(2, 3, 32, 32)), heads[0])).all()

@@ -1,0 +1,85 @@
+# AdaMerging stage: merging coefficients learned by entropy minimisation on the tasks'
+# unlabeled test images (task-wise, layer-wise and their ++ variants on TIES parts).
+# Config (optional) merging.adamerging: the fields of pipeline.merging.adamerging.Settings,
+# plus max_images (test images cached per task, 0: all) and gpus (per job, for clusters).
+
+ADAMERGING = config.get("merging", {}).get("adamerging", {})
+ADAMERGING_JOB_KEYS = ("max_images", "gpus")
+ADAMERGING_VARIANTS = ["task_wise", "layer_wise", "task_wise_plus", "layer_wise_plus"]
+
+
+rule adamerging:
+    input:
+        pretrained=f"{MODELS}/pretrained.safetensors",
+        finetuned=finetuned(TASKS),
+        heads=heads(TASKS),
+        data=task_data(TASKS),
+    output:
+        model=f"{RESULTS}/adamerging/{{variant}}/model.safetensors",
+        lambdas=f"{RESULTS}/adamerging/{{variant}}/lambdas.parquet",
+        entropy=f"{RESULTS}/adamerging/{{variant}}/entropy.parquet",
+    log:
+        f"{LOGS}/adamerging/{{variant}}.log",
+    benchmark:
+        f"{BENCH}/adamerging/{{variant}}.tsv"
+    wildcard_constraints:
+        variant="|".join(ADAMERGING_VARIANTS),
+    conda:
+        ENV
+    threads: THREADS
+    resources:
+        mem_mb=16000,
+        runtime=240,
+        gpu=ADAMERGING.get("gpus", 1),
+    params:
+        zoo=zoo_json(),
+        tasks=TASKS,
+        settings=json.dumps(
+            {k: v for k, v in ADAMERGING.items() if k not in ADAMERGING_JOB_KEYS},
+            sort_keys=True,
+        ),
+        max_images=ADAMERGING.get("max_images", 0),
+        code=code_version(
+            "merging/adamerging.py",
+            "functional.py",
+            "../kernels/weighted_sum.py",
+            "../kernels/ties_merge.py",
+        ),
+    shell:
+        "python -m pipeline adamerge --zoo {params.zoo:q} --variant {wildcards.variant} "
+        "--pretrained {input.pretrained} --finetuned {input.finetuned} --heads {input.heads} "
+        "--tasks {params.tasks} --data {input.data} --settings {params.settings:q} "
+        "--max-images {params.max_images} --out {output.model} --lambdas {output.lambdas} "
+        "--entropy {output.entropy} --threads {threads} > {log} 2>&1"
+
+
+rule evaluate_adamerging:
+    input:
+        pretrained=f"{MODELS}/pretrained.safetensors",
+        encoder=f"{RESULTS}/adamerging/{{variant}}/model.safetensors",
+        heads=heads(TASKS),
+        data=task_data(TASKS),
+    output:
+        f"{RESULTS}/eval/adamerging_{{variant}}.parquet",
+    log:
+        f"{LOGS}/evaluate/adamerging_{{variant}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/adamerging_{{variant}}.tsv"
+    wildcard_constraints:
+        variant="|".join(ADAMERGING_VARIANTS),
+    conda:
+        ENV
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        zoo=zoo_json(),
+        tasks=TASKS,
+        batch=config["evaluation"]["batch_size"],
+        code=EVAL_CODE,
+    shell:
+        "python -m pipeline evaluate --zoo {params.zoo:q} --model adamerging_{wildcards.variant} "
+        "--method adamerging_{wildcards.variant} --pretrained {input.pretrained} --encoder {input.encoder} "
+        "--tasks {params.tasks} --heads {input.heads} --data {input.data} --batch-size {params.batch} "
+        "--out {output} --threads {threads} > {log} 2>&1"

@@ -181,7 +181,7 @@ def render(n: int, seed: int, overlay: str | None = None, digit_pool: np.ndarray
     qx, qy = lab["quadrant"] % 2, lab["quadrant"] // 2
     cx = 8 + 16 * qx + rng.uniform(-1.0, 1.0, n)
     cy = 8 + 16 * qy + rng.uniform(-1.0, 1.0, n)
-    radius = np.array([4.5, 6.0, 7.5], np.float32)[lab["size"]] * rng.uniform(0.92, 1.08, n)
+    radius = np.array([3.6, 5.6, 7.8], np.float32)[lab["size"]] * rng.uniform(0.96, 1.04, n)
     shape = _shape_masks(lab["shape"], cx.astype(np.float32), cy.astype(np.float32), radius.astype(np.float32))
     img = np.where(shape[..., None], colours[lab["colour"]][:, None, None, :], img)
 

@@ -234,7 +234,8 @@ def cmd_report(a) -> None:
     from pipeline.report import write_report
 
     benchmarks = sorted(str(p) for p in Path(a.benchmark_dir).glob("*/*.tsv"))
-    write_report(a.eval, _json(a.config), benchmarks, a.zoo, Path(a.markdown), Path(a.html), Path(a.table))
+    analysis = dict(item.split("=", 1) for item in a.analysis)
+    write_report(a.eval, _json(a.config), benchmarks, a.zoo, Path(a.markdown), Path(a.html), Path(a.table), analysis)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,10 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
          (["--split"], {"default": "test"}), (["--batch-size"], {"type": int, "default": 512}), out)
     verb("report", cmd_report, (["--eval"], {"nargs": "+", "required": True}), (["--config"], {"required": True, "help": "the run's config as JSON"}),
          (["--benchmark-dir"], {"required": True}), (["--markdown"], {"required": True}),
-         (["--html"], {"required": True}), (["--table"], {"required": True}))
+         (["--html"], {"required": True}), (["--table"], {"required": True}),
+         (["--analysis"], {"nargs": "*", "default": [], "help": "analysis outputs as NAME=PATH"}))
     from pipeline.merging.adamerging import add_adamerging_verb
 
     add_adamerging_verb(sub)
+    from pipeline.analysis.cli import add_analysis_verbs
+
+    add_analysis_verbs(sub)
     return p
 
 

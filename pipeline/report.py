@@ -1,9 +1,12 @@
-"""The report: accuracy table (rows models, columns tasks + average), config, stage timings;
-written as markdown and as one self-contained HTML page."""
+"""The report: accuracy table (rows models, columns tasks + average), the analyses (tables
+and figures), config, software versions, stage timings; written as markdown (figures as
+relative links) and as one self-contained HTML page (figures embedded as base64 PNG)."""
 
 from __future__ import annotations
 
+import base64
 import html
+import os
 import platform
 from importlib.metadata import version
 from pathlib import Path
@@ -15,7 +18,8 @@ MODEL_ORDER = ["zeroshot", "individual", "multitask", "weight_averaging", "fishe
                "task_arithmetic", "ties_merging", "adamerging_task_wise", "adamerging_task_wise_plus",
                "adamerging_layer_wise", "adamerging_layer_wise_plus"]
 REFERENCES = {"zeroshot", "individual", "multitask"}  # not merges: no bold for them
-PACKAGES = ["torch", "open_clip_torch", "snakemake", "zarr", "pyarrow", "triton"]
+PACKAGES = ["torch", "open_clip_torch", "snakemake", "zarr", "pyarrow", "triton", "numpy", "pandas", "scipy",
+            "matplotlib"]
 
 CSS = """
 body{font-family:Georgia,'Times New Roman',serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.45}
@@ -29,6 +33,12 @@ thead tr{border-top:2px solid #222;border-bottom:1px solid #222}
 tbody tr:last-child{border-bottom:2px solid #222}
 td.best{font-weight:bold}
 pre{background:#f6f6f6;padding:.8em;font-size:.85em;overflow-x:auto}
+h3{font-size:1.05em;margin-top:1.4em}
+figure{margin:1.2em 0;text-align:center}
+figure img{max-width:100%;height:auto}
+figcaption{font-size:.9em;text-align:left;margin-top:.4em}
+figcaption b,caption b{font-style:normal}
+p.note{font-size:.92em;color:#444}
 .ok{color:#17691d}.fail{color:#a11}
 """
 
@@ -76,7 +86,7 @@ def zoo_checks(table: pd.DataFrame, tasks: list[str], chance: dict[str, float]) 
     return checks
 
 
-def _html_table(df: pd.DataFrame, caption: str, bold_max: bool = False) -> str:
+def _html_table(df: pd.DataFrame, caption: str, bold_max: bool = False, fmt: str = "{:.1f}") -> str:
     """A booktabs-style table; with ``bold_max`` the best merge per column is bold."""
     cols = list(df.columns)
     best = df.drop(index=[i for i in df.index if i in REFERENCES]).max(axis=0) if bold_max else None
@@ -86,7 +96,7 @@ def _html_table(df: pd.DataFrame, caption: str, bold_max: bool = False) -> str:
         cells = [f"<td>{html.escape(str(idx))}</td>"]
         for c in cols:
             v = row[c]
-            text = f"{v:.1f}" if isinstance(v, float) else html.escape(str(v))
+            text = ("-" if pd.isna(v) else fmt.format(v)) if isinstance(v, float) else html.escape(str(v))
             is_best = bold_max and idx not in REFERENCES and isinstance(v, float) and v == best[c]
             cls = ' class="best"' if is_best else ""
             cells.append(f"<td{cls}>{text}</td>")
@@ -96,8 +106,9 @@ def _html_table(df: pd.DataFrame, caption: str, bold_max: bool = False) -> str:
 
 
 def write_report(eval_files: list[str], config: dict, benchmarks: list[str], zoo: dict,
-                 markdown: Path, html_path: Path, table_path: Path) -> None:
-    """Write the markdown and HTML report and the accuracy table (parquet)."""
+                 markdown: Path, html_path: Path, table_path: Path, analysis: dict[str, str] | None = None) -> None:
+    """Write the markdown and HTML report and the accuracy table (parquet); ``analysis``
+    maps the names of :func:`analysis_sections` to the analysis outputs."""
     evals = pd.concat([pd.read_parquet(f) for f in eval_files], ignore_index=True)
     tasks, heldout = list(zoo["tasks"]), list(zoo.get("heldout_tasks", []))
     negation = evals["model"].str.startswith("task_negation_")
@@ -133,6 +144,10 @@ def write_report(eval_files: list[str], config: dict, benchmarks: list[str], zoo
         items = "".join(f"<li class=\"{'ok' if ok else 'fail'}\">{'&#10003;' if ok else '&#10007;'} "
                          f"{html.escape(text)}</li>" for text, ok in checks)
         sections_html.append(f"<h2>Zoo quality</h2><ul>{items}</ul>")
+    if analysis:
+        md, htm = analysis_sections(analysis, markdown.parent, main)
+        sections_md += md
+        sections_html += htm
     sections_md += ["## Stage timings", "", timings.round(1).to_markdown() if len(timings) else "(none)", ""]
     sections_html.append("<h2>Stage timings</h2>" + (_html_table(timings, "Wall time (s, summed over jobs) and peak "
                                                                  "memory (MB) per stage, from Snakemake's benchmark files.")
@@ -159,3 +174,163 @@ def _version(package: str) -> str:
     except Exception:  # noqa: BLE001 - a missing optional package is reported as such
         return "not installed"
 
+
+
+class _Doc:
+    """Markdown and HTML of the analysis sections, with running table and figure numbers."""
+
+    def __init__(self, md_dir: Path, first_table: int = 4):
+        self.md_dir, self.md, self.html = md_dir, [], []
+        self.tables, self.figures = first_table - 1, 0
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.md += [f"{'#' * level} {text}", ""]
+        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+
+    def para(self, text: str) -> None:
+        self.md += [text, ""]
+        self.html.append(f"<p class='note'>{html.escape(text)}</p>")
+
+    def table(self, df: pd.DataFrame, caption: str, fmt: str = "{:.1f}", bold_max: bool = False) -> None:
+        self.tables += 1
+        floatfmt = fmt.strip("{}:")
+        self.md += [f"*Table {self.tables}. {caption}*", "", df.to_markdown(floatfmt=floatfmt), ""]
+        self.html.append(_html_table(df, f"Table {self.tables}. {caption}", bold_max=bold_max, fmt=fmt))
+
+    def figure(self, path: str | None, caption: str) -> None:
+        if not path or not Path(path).exists():
+            return
+        self.figures += 1
+        rel = os.path.relpath(path, self.md_dir)
+        self.md += [f"![Figure {self.figures}]({rel})", "", f"*Figure {self.figures}. {caption}*", ""]
+        data = base64.b64encode(Path(path).read_bytes()).decode()
+        self.html.append(f"<figure><img alt='Figure {self.figures}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption><b>Figure {self.figures}.</b> {html.escape(caption)}</figcaption></figure>")
+
+
+def _label(name: str) -> str:
+    from pipeline.analysis.common import label
+
+    return label(name)
+
+
+def analysis_sections(files: dict[str, str], md_dir: Path, main: pd.DataFrame | None = None) -> tuple[list[str], list[str]]:
+    """Markdown and HTML of every analysis whose outputs are in ``files`` (names as in
+    workflow/rules/analysis.smk: sensitivity, coefficients, distances, spearman, robustness,
+    unseen, each with a ``*_png`` figure)."""
+    doc = _Doc(md_dir)
+    doc.heading("Appendix: analyses")
+    if "sensitivity" in files:
+        doc.heading("A. Sensitivity to the scaling coefficient lambda", 3)
+        t = pd.read_parquet(files["sensitivity"])
+        curves = t[t["kind"] == "curve"]
+        wide = curves.pivot_table(index=["method", "split"], columns="lambda", values="accuracy")
+        wide.index = [f"{_label(m)} ({s})" for m, s in wide.index]
+        wide.columns = [f"{c:g}" for c in wide.columns]
+        wide.index.name = "method (split)"
+        doc.figure(files.get("sensitivity_png"), "Average accuracy (%) of Task Arithmetic and TIES-Merging against "
+                   "lambda on the validation and test splits; AdaMerging and traditional MTL (test) as lines.")
+        doc.table(wide, "Average accuracy (%) over the tasks at each lambda of the grid.")
+        refs = t[t["kind"] == "reference"].set_index("method")["accuracy"]
+        if len(refs):
+            doc.para("Reference lines (test, average accuracy %): "
+                     + "; ".join(f"{_label(m)} {v:.1f}" for m, v in refs.items()) + ".")
+    if "coefficients" in files:
+        doc.heading("B. Learned merging coefficients", 3)
+        t = pd.read_parquet(files["coefficients"])
+        task_wise = t[t["group"] == "all"]
+        if len(task_wise):
+            tw = task_wise.pivot_table(index="variant", columns="task", values="value", sort=False)
+            tw.index = [_label(f"adamerging_{v}") for v in tw.index]
+            tw.index.name = "variant"
+            doc.table(tw, "Task-wise AdaMerging coefficients lambda_k after adaptation.", fmt="{:.3f}")
+        doc.figure(files.get("coefficients_task_png"), "Task-wise coefficients per task.")
+        doc.figure(files.get("coefficients_layer_png"), "Layer-wise coefficients, averaged over the tensors of each "
+                   "transformer block (stem: patch embedding, class token, positional embedding, pre-norm; head: "
+                   "final norm and projection).")
+        layer = t[t["group"] != "all"]
+        for variant, part in layer.groupby("variant", sort=False):
+            grid = part.pivot_table(index="group", columns="task", values="value", sort=False)
+            grid = grid.loc[list(dict.fromkeys(part.sort_values("order", kind="stable")["group"]))]
+            grid.index.name = "group"
+            doc.table(grid, f"{_label('adamerging_' + variant)}: mean coefficient per block and task.", fmt="{:.3f}")
+        doc.figure(files.get("entropy_png"), "AdaMerging's objective (summed batch-mean entropy) per step; faint: raw, "
+                   "solid: moving average.")
+    if "distances" in files:
+        doc.heading("C. Distances between models and task vectors", 3)
+        d = pd.read_parquet(files["distances"])
+        to_pre = d[d["a"] == "pretrained"].set_index("b")["l2"].drop("pretrained", errors="ignore")
+        to_pre.index = [_label(m) for m in to_pre.index]
+        doc.table(to_pre.to_frame("L2 to pretrained").rename_axis("model"),
+                  "L2 distance of each image encoder to the pretrained one.", fmt="{:.3f}")
+        doc.figure(files.get("distances_png"), "Pairwise L2 distances between the pretrained, fine-tuned (FT) and "
+                   "merged image encoders.")
+        doc.figure(files.get("cosine_png"), "Cosine similarity between task vectors (colour scale clipped to the "
+                   "largest off-diagonal magnitude).")
+    if "spearman" in files:
+        doc.heading("D. Entropy as a surrogate of the loss", 3)
+        sp = pd.read_parquet(files["spearman"])
+        wide = sp.pivot_table(index="task", columns="lambda", values="spearman", sort=False)
+        wide.columns = [f"lambda={c:g}" for c in wide.columns]
+        wide.index.name = "task"
+        doc.para("Spearman rank correlation between the per-sample Shannon entropy of a Task Arithmetic merge's "
+                 "prediction and its cross-entropy loss on the test split (row 'all': pooled over tasks). "
+                 + "Coefficients at lambda=" + ", ".join(
+                     f"{lam:g}: " + ", ".join(f"{r.task} {r.spearman:.3f}" for r in g.itertuples())
+                     for lam, g in sp.groupby("lambda")) + ".")
+        doc.table(wide, "Spearman correlation of entropy and loss per task and lambda.", fmt="{:.3f}")
+        doc.figure(files.get("surrogate_png"), "Cross-entropy loss against entropy per test sample "
+                   "(a subsample of points; rho: Spearman over all samples).")
+    if "robustness" in files:
+        doc.heading("E. Robustness to corrupted test distributions", 3)
+        r = pd.read_parquet(files["robustness"])
+        sev = sorted(set(r.loc[r["severity"] > 0, "severity"]))
+        doc.para(f"A merge of {r['task'].nunique()} tasks; AdaMerging (variant as configured) learns its coefficients "
+                 f"on each corrupted test set's unlabeled images (severity {', '.join(map(str, sev)) or '-'}); "
+                 "Task Arithmetic and TIES use the paper's lambda. Accuracy (%) on the corrupted test sets, "
+                 "and on the clean test set for the coefficients adapted to each corruption.")
+        tasks = list(dict.fromkeys(r["task"]))
+        for corruption, part in r.groupby("corruption", sort=False):
+            for test_set in (("clean",) if corruption == "clean" else ("corrupted", "clean")):
+                sub = part[part["test_set"] == test_set]
+                wide = sub.pivot_table(index="method", columns="task", values="accuracy", sort=False).reindex(
+                    columns=tasks)
+                wide["Avg."] = wide.mean(axis=1)
+                wide.index = [_label(m) if m != "adamerging" else "AdaMerging" for m in wide.index]
+                wide.index.name = "method"
+                name = corruption.replace("_", " ")
+                what = ("clean test set" if corruption == "clean" else
+                        f"{name} test set" if test_set == "corrupted" else f"clean test set, adapted on {name}")
+                doc.table(wide, f"Robustness: {what}.", bold_max=True)
+        doc.figure(files.get("robustness_png"), "Average accuracy (%) per corruption (corrupted test sets; 'clean': "
+                   "the clean test set).")
+    if "unseen" in files:
+        doc.heading("F. Generalisation to unseen tasks", 3)
+        from pipeline.analysis.unseen import unseen_table
+
+        rows = pd.read_parquet(files["unseen"])
+        wide = unseen_table(rows)
+        wide.index = [_label(m) for m in wide.index]
+        wide.index.name = "method"
+        seen = list(dict.fromkeys(rows.loc[rows["group"] == "seen", "task"]))
+        unseen = list(dict.fromkeys(rows.loc[rows["group"] == "unseen", "task"]))
+        doc.para(f"Merged on the seen tasks ({', '.join(seen)}), evaluated on them and on the unseen tasks "
+                 f"({', '.join(unseen)}), as the paper's Table 4. As in the paper, AdaMerging adapts its coefficients "
+                 "(of the seen tasks' vectors) with the unlabeled test images of all tasks, the unseen ones included.")
+        doc.table(wide, "Accuracy (%) on seen and unseen tasks.", bold_max=True)
+        doc.figure(files.get("unseen_png"), "Average accuracy (%) on the seen and the unseen tasks.")
+    return doc.md, doc.html
+
+
+def screenshot(html_path: Path, png: Path, width: int = 1200, height: int = 2400, timeout: float = 120) -> bool:
+    """Render ``html_path`` with headless chromium into ``png``; False when no chromium is installed."""
+    import shutil
+    import subprocess
+
+    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if exe is None:
+        return False
+    subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={Path(png).resolve()}", f"--window-size={width},{height}",
+                    Path(html_path).resolve().as_uri()], check=True, capture_output=True, timeout=timeout)
+    return Path(png).exists()

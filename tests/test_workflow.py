@@ -71,6 +71,10 @@ def test_adding_a_task_reruns_only_its_jobs_and_the_whole_set_jobs(micro_run: Pa
         "evaluate_zeroshot": 1, "merge_weight_averaging": 1, "lambda_search": 2, "merge_with_data": 2,
         "multitask": 1, "evaluate_merged": n_methods, "evaluate_negation": len(cfg["zoo"]["tasks"]),
         "adamerging": 4, "evaluate_adamerging": 4,
+        # analyses over the whole task set; the unseen-task split (the last two tasks) moves;
+        # the robustness merge (the first four tasks) is unchanged
+        "analysis_sensitivity": 1, "analysis_coefficients": 1, "analysis_distances": 1,
+        "analysis_surrogate": 1, "analysis_unseen_run": 5, "analysis_unseen": 1,
         "report": 1, "all": 1,
     }
     assert "wildcards: task=count" in proc.stdout

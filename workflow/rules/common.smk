@@ -113,3 +113,70 @@ def eval_files():
 
 def final_outputs():
     return [f"{RESULTS}/report/report.html", f"{RESULTS}/report/report.md"]
+
+
+# Analyses (workflow/rules/analysis.smk): config `analysis`, every section enabled by default.
+ANALYSIS = config.get("analysis", {})
+AN = f"{RESULTS}/analysis"
+
+
+def analysis_cfg(name):
+    return ANALYSIS.get(name, {})
+
+
+def analysis_on(name):
+    return analysis_cfg(name).get("enabled", True)
+
+
+def adamerging_settings(section):
+    """merging.adamerging without the job keys, updated by the analysis section's own."""
+    base = {k: v for k, v in ADAMERGING.items() if k not in ADAMERGING_JOB_KEYS}
+    return json.dumps(
+        base | analysis_cfg(section).get("adamerging", {}), sort_keys=True
+    )
+
+
+def analysis_max_images(section):
+    return analysis_cfg(section).get("max_images", ADAMERGING.get("max_images", 0))
+
+
+def merge_lambdas(section):
+    lam = analysis_cfg(section).get("lam", 0.3)
+    return json.dumps({"task_arithmetic": lam, "ties_merging": lam})
+
+
+def analysis_files():
+    """name -> path of every analysis output the report shows."""
+    out = {}
+    if analysis_on("sensitivity"):
+        out |= {
+            "sensitivity": f"{AN}/sensitivity.parquet",
+            "sensitivity_png": f"{AN}/sensitivity.png",
+        }
+    if analysis_on("coefficients"):
+        out |= {
+            "coefficients": f"{AN}/coefficients.parquet",
+            "coefficients_layer_png": f"{AN}/coefficients_layer_wise.png",
+            "coefficients_task_png": f"{AN}/coefficients_task_wise.png",
+            "entropy_png": f"{AN}/entropy_curves.png",
+        }
+    if analysis_on("distances"):
+        out |= {
+            "distances": f"{AN}/distances.parquet",
+            "distances_png": f"{AN}/distances.png",
+            "cosine": f"{AN}/cosine.parquet",
+            "cosine_png": f"{AN}/cosine.png",
+        }
+    if analysis_on("surrogate"):
+        out |= {
+            "spearman": f"{AN}/entropy_spearman.parquet",
+            "surrogate_png": f"{AN}/entropy_loss.png",
+        }
+    if analysis_on("robustness"):
+        out |= {
+            "robustness": f"{AN}/robustness.parquet",
+            "robustness_png": f"{AN}/robustness.png",
+        }
+    if analysis_on("unseen") and SEEN_TASKS:
+        out |= {"unseen": f"{AN}/unseen.parquet", "unseen_png": f"{AN}/unseen.png"}
+    return out

@@ -1,9 +1,11 @@
-# Report stage: the paper-style table, zoo-quality checks, config and stage timings.
+# Report stage: the paper-style table, zoo-quality checks, every analysis (tables and
+# embedded figures), config and stage timings.
 
 
 rule report:
     input:
         evals=eval_files(),
+        analysis=list(analysis_files().values()),
     output:
         markdown=report(
             f"{RESULTS}/report/report.md",
@@ -30,8 +32,9 @@ rule report:
         zoo=zoo_json("tasks", "heldout_tasks"),
         config=json.dumps(config, sort_keys=True),
         benchmark_dir=BENCH,
+        analysis=[f"{k}={v}" for k, v in analysis_files().items()],
         code=code_version("report.py"),
     shell:
         "python -m pipeline report --zoo {params.zoo:q} --eval {input.evals} --config {params.config:q} "
         "--benchmark-dir {params.benchmark_dir} --markdown {output.markdown} --html {output.html} "
-        "--table {output.table} > {log} 2>&1"
+        "--table {output.table} --analysis {params.analysis} > {log} 2>&1"

@@ -1,0 +1,113 @@
+"""Generalisation to unseen tasks (the paper's Table 4): merge the task vectors of the seen
+tasks only and evaluate on the seen and the unseen tasks. As in the paper, AdaMerging learns
+its coefficients (of the seen tasks' vectors) by minimising the prediction entropy on the
+unlabeled test images of all tasks, the unseen ones included, each through its own head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.analysis.common import figure, label, save_figure
+
+COLUMNS = ["method", "task", "group", "accuracy", "n"]
+
+
+def _evaluate(encoder, state_dict, method: str, splits, unseen: Sequence[str], batch_size: int) -> list[dict]:
+    from pipeline.evaluation import accuracy
+
+    encoder.load_state_dict(state_dict)
+    rows = []
+    for name, head, data in splits:
+        r = accuracy(encoder, head, data, batch_size, desc=f"{method} on {name}")
+        rows.append({"method": method, "task": name, "group": "unseen" if name in unseen else "seen",
+                     "accuracy": r["accuracy"], "n": r["n"]})
+    return rows
+
+
+def run_baselines(zoo: dict, pretrained: str, store_paths: Sequence[str], tasks: Sequence[str],
+                  unseen: Sequence[str], heads: Sequence[str], data: Sequence[str], lambdas: dict, ties: dict,
+                  batch_size: int) -> pd.DataFrame:
+    """Task Arithmetic and TIES of the seen tasks' vectors (``store_paths``) on ``tasks``."""
+    from pathlib import Path
+
+    from pipeline.analysis.common import load_encoder, task_splits
+    from pipeline.merging import apply_vector, task_arithmetic, ties_merging
+    from pipeline.models.checkpoints import state_dict_hash
+    from pipeline.store.task_vectors import TaskVectorStore
+
+    encoder, sd = load_encoder(zoo, pretrained)
+    store = TaskVectorStore(Path(store_paths[0]).parent, [Path(p).name for p in store_paths],
+                            base_hash=state_dict_hash(sd))
+    splits = task_splits(zoo, tasks, heads, data, "test")
+    rows = _evaluate(encoder, apply_vector(sd, task_arithmetic.vector(store), lambdas["task_arithmetic"]),
+                     "task_arithmetic", splits, unseen, batch_size)
+    rows += _evaluate(encoder, apply_vector(sd, ties_merging.vector(store, **ties), lambdas["ties_merging"]),
+                      "ties_merging", splits, unseen, batch_size)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def padded_task_vectors(encoder: torch.nn.Module, finetuned: Sequence[dict], extra: int) -> torch.Tensor:
+    """(K + extra, N) task vectors of ``finetuned`` in the encoder's flat layout, followed by
+    ``extra`` zero rows: tasks whose head and images take part in the entropy loss but whose
+    vector is not merged (a zero vector contributes nothing, and its TIES part is zero)."""
+    from pipeline.functional import FlatLayout
+    from pipeline.merging.adamerging import task_vector_matrix
+
+    sd = encoder.state_dict()
+    layout = FlatLayout.of(sd)
+    tvs = task_vector_matrix(layout, layout.flatten(sd), finetuned)
+    return torch.cat([tvs, tvs.new_zeros(extra, layout.numel)])
+
+
+def run_adamerging(zoo: dict, pretrained: str, variant: str, seen: Sequence[str], finetuned: Sequence[str],
+                   tasks: Sequence[str], unseen: Sequence[str], heads: Sequence[str], data: Sequence[str],
+                   settings: dict, max_images: int, batch_size: int) -> pd.DataFrame:
+    """AdaMerging of the seen tasks' vectors adapted on all ``tasks``' unlabeled test images."""
+    from pipeline.analysis.common import load_encoder, task_splits
+    from pipeline.analysis.robustness import adaptation_images
+    from pipeline.merging.adamerging import Settings, adamerge
+    from pipeline.zoo.store import load_encoder_state
+
+    s = Settings.from_dict(settings)
+    order = list(seen) + [t for t in tasks if t not in seen]  # vectors of the seen tasks first
+    splits = {t: x for t, x in zip(tasks, task_splits(zoo, tasks, heads, data, "test"))}
+    splits = [splits[t] for t in order]
+    encoder, sd = load_encoder(zoo, pretrained)
+    tvs = padded_task_vectors(encoder, [load_encoder_state(f) for f in finetuned], len(order) - len(seen))
+    result = adamerge(variant, encoder, tvs, [h for _, h, _ in splits],
+                      adaptation_images([d for _, _, d in splits], max_images, s.seed), s, device=None, progress=False)
+    encoder, _ = load_encoder(zoo, pretrained)
+    return pd.DataFrame(_evaluate(encoder, result.state_dict, f"adamerging_{variant}", splits, unseen, batch_size),
+                        columns=COLUMNS)
+
+
+def unseen_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows methods; columns each seen task, "Avg. seen", each unseen task, "Avg. unseen"."""
+    wide = rows.pivot_table(index="method", columns="task", values="accuracy", aggfunc="first")
+    out = pd.DataFrame(index=wide.index)
+    for group in ("seen", "unseen"):
+        tasks = list(dict.fromkeys(rows.loc[rows["group"] == group, "task"]))
+        for t in tasks:
+            out[t] = wide[t]
+        out[f"Avg. {group}"] = wide[tasks].mean(axis=1)
+    order = ["task_arithmetic", "ties_merging", "adamerging_task_wise", "adamerging_task_wise_plus",
+             "adamerging_layer_wise", "adamerging_layer_wise_plus"]
+    return out.loc[[m for m in order if m in out.index] + sorted(set(out.index) - set(order))]
+
+
+def plot_unseen(rows: pd.DataFrame, path) -> None:
+    """Average accuracy on the seen and the unseen tasks per method."""
+    table = unseen_table(rows)
+    fig, ax = figure(figsize=(0.9 * len(table) + 2.5, 3.0))
+    x = np.arange(len(table))
+    for i, group in enumerate(("seen", "unseen")):
+        ax.bar(x + (i - 0.5) * 0.38, table[f"Avg. {group}"], 0.38, label=f"{group} tasks", color=f"C{i}")
+    ax.set_xticks(x, [label(m) for m in table.index], rotation=30, ha="right")
+    ax.set_ylabel("Average accuracy (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(frameon=False)
+    save_figure(fig, path)

@@ -1,0 +1,347 @@
+# Analysis stage (DESIGN section 7): each rule writes a parquet table and a figure (PNG),
+# which the report embeds. Config `analysis` (every section optional, `enabled` by default).
+
+CORRUPTIONS = [
+    "motion_blur",
+    "impulse_noise",
+    "gaussian_noise",
+    "pixelate",
+    "spatter",
+    "contrast",
+    "jpeg_compression",
+]
+
+
+ROBUST_TASKS = list(analysis_cfg("robustness").get("tasks") or TASKS[:4])
+UNSEEN_TASKS = list(analysis_cfg("unseen").get("tasks") or TASKS[-2:])
+SEEN_TASKS = [t for t in TASKS if t not in UNSEEN_TASKS]
+UNSEEN_ALL = SEEN_TASKS + UNSEEN_TASKS
+UNSEEN_VARIANTS = analysis_cfg("unseen").get("variants", ADAMERGING_VARIANTS)
+ANALYSIS_CODE = ["analysis/common.py", "analysis/cli.py"]
+
+
+rule analysis_sensitivity:
+    input:
+        pretrained=f"{MODELS}/pretrained.safetensors",
+        store=task_vectors(TASKS),
+        heads=heads(TASKS),
+        data=task_data(TASKS),
+        search=expand(f"{RESULTS}/lambda_search/{{m}}.parquet", m=SEARCH_METHODS),
+        references=[
+            f"{RESULTS}/eval/adamerging_{v}.parquet" for v in ADAMERGING_VARIANTS
+        ]
+        + ([f"{RESULTS}/eval/multitask.parquet"] if SOURCE == "synthetic" else []),
+    output:
+        table=f"{AN}/sensitivity.parquet",
+        figure=report(
+            f"{AN}/sensitivity.png",
+            category="Analysis",
+            caption="../report/sensitivity.rst",
+        ),
+    log:
+        f"{LOGS}/analysis/sensitivity.log",
+    benchmark:
+        f"{BENCH}/analysis/sensitivity.tsv"
+    conda:
+        ENV
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        zoo=zoo_json(),
+        settings=json.dumps({m: config["merging"].get(m, {}) for m in SEARCH_METHODS}),
+        test="--test" if analysis_cfg("sensitivity").get("test", True) else "",
+        batch=config["evaluation"]["batch_size"],
+        code=code_version(
+            *ANALYSIS_CODE, "analysis/sensitivity.py", "merging/lambda_search.py"
+        ),
+    shell:
+        "python -m pipeline analysis-sensitivity --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "--task-vectors {input.store} --heads {input.heads} --data {input.data} --search {input.search} "
+        "--references {input.references} --settings {params.settings:q} {params.test} "
+        "--batch-size {params.batch} --out {output.table} --figure {output.figure} "
+        "--threads {threads} > {log} 2>&1"
+
+
+rule analysis_coefficients:
+    input:
+        lambdas=expand(
+            f"{RESULTS}/adamerging/{{v}}/lambdas.parquet", v=ADAMERGING_VARIANTS
+        ),
+        entropy=expand(
+            f"{RESULTS}/adamerging/{{v}}/entropy.parquet", v=ADAMERGING_VARIANTS
+        ),
+    output:
+        table=f"{AN}/coefficients.parquet",
+        layer=report(
+            f"{AN}/coefficients_layer_wise.png",
+            category="Analysis",
+            caption="../report/coefficients.rst",
+        ),
+        task=report(
+            f"{AN}/coefficients_task_wise.png",
+            category="Analysis",
+            caption="../report/coefficients.rst",
+        ),
+        entropy=report(
+            f"{AN}/entropy_curves.png",
+            category="Analysis",
+            caption="../report/entropy_curves.rst",
+        ),
+    log:
+        f"{LOGS}/analysis/coefficients.log",
+    benchmark:
+        f"{BENCH}/analysis/coefficients.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        zoo=zoo_json(),
+        code=code_version(*ANALYSIS_CODE, "analysis/coefficients.py"),
+    shell:
+        "python -m pipeline analysis-coefficients --zoo {params.zoo:q} --lambdas {input.lambdas} "
+        "--entropy {input.entropy} --out {output.table} --layer-figure {output.layer} "
+        "--task-figure {output.task} --entropy-figure {output.entropy} > {log} 2>&1"
+
+
+DISTANCE_MODELS = (
+    {f"finetuned_{t}": f"{MODELS}/finetuned/{t}.safetensors" for t in TASKS}
+    | {m: f"{RESULTS}/merges/{m}/model.safetensors" for m in MERGE_METHODS}
+    | {
+        f"adamerging_{v}": f"{RESULTS}/adamerging/{v}/model.safetensors"
+        for v in ADAMERGING_VARIANTS
+    }
+)
+
+
+rule analysis_distances:
+    input:
+        pretrained=f"{MODELS}/pretrained.safetensors",
+        models=list(DISTANCE_MODELS.values()),
+        store=task_vectors(TASKS),
+    output:
+        table=f"{AN}/distances.parquet",
+        figure=report(
+            f"{AN}/distances.png",
+            category="Analysis",
+            caption="../report/distances.rst",
+        ),
+        cosine=f"{AN}/cosine.parquet",
+        cosine_figure=report(
+            f"{AN}/cosine.png",
+            category="Analysis",
+            caption="../report/distances.rst",
+        ),
+    log:
+        f"{LOGS}/analysis/distances.log",
+    benchmark:
+        f"{BENCH}/analysis/distances.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        zoo=zoo_json(),
+        models=[f"{k}={v}" for k, v in DISTANCE_MODELS.items()],
+        code=code_version(*ANALYSIS_CODE, "analysis/distances.py"),
+    shell:
+        "python -m pipeline analysis-distances --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "--models {params.models} --task-vectors {input.store} --out {output.table} "
+        "--figure {output.figure} --cosine-out {output.cosine} "
+        "--cosine-figure {output.cosine_figure} > {log} 2>&1"
+
+
+rule analysis_surrogate:
+    input:
+        pretrained=f"{MODELS}/pretrained.safetensors",
+        store=task_vectors(TASKS),
+        heads=heads(TASKS),
+        data=task_data(TASKS),
+    output:
+        samples=f"{AN}/entropy_loss.parquet",
+        spearman=f"{AN}/entropy_spearman.parquet",
+        figure=report(
+            f"{AN}/entropy_loss.png",
+            category="Analysis",
+            caption="../report/surrogate.rst",
+        ),
+    log:
+        f"{LOGS}/analysis/surrogate.log",
+    benchmark:
+        f"{BENCH}/analysis/surrogate.tsv"
+    conda:
+        ENV
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        zoo=zoo_json(),
+        lambdas=analysis_cfg("surrogate").get("lambdas", [0.1, 0.3, 0.5]),
+        max_samples=analysis_cfg("surrogate").get("max_samples", 0),
+        batch=config["evaluation"]["batch_size"],
+        code=code_version(*ANALYSIS_CODE, "analysis/surrogate.py"),
+    shell:
+        "python -m pipeline analysis-surrogate --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "--task-vectors {input.store} --heads {input.heads} --data {input.data} "
+        "--lambdas {params.lambdas} --max-samples {params.max_samples} --batch-size {params.batch} "
+        "--out {output.samples} --spearman-out {output.spearman} --figure {output.figure} "
+        "--threads {threads} > {log} 2>&1"
+
+
+rule analysis_robustness_run:
+    input:
+        pretrained=f"{MODELS}/pretrained.safetensors",
+        store=task_vectors(ROBUST_TASKS),
+        finetuned=finetuned(ROBUST_TASKS),
+        heads=heads(ROBUST_TASKS),
+        data=task_data(ROBUST_TASKS),
+    output:
+        f"{AN}/robustness/{{corruption}}.parquet",
+    log:
+        f"{LOGS}/analysis/robustness_{{corruption}}.log",
+    benchmark:
+        f"{BENCH}/analysis/robustness_{{corruption}}.tsv"
+    wildcard_constraints:
+        corruption="|".join(["clean"] + CORRUPTIONS),
+    conda:
+        ENV
+    threads: THREADS
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=ADAMERGING.get("gpus", 1),
+    params:
+        zoo=zoo_json(),
+        severity=analysis_cfg("robustness").get("severity", 3),
+        variant=analysis_cfg("robustness").get("variant", "layer_wise"),
+        adamerging=adamerging_settings("robustness"),
+        lambdas=merge_lambdas("robustness"),
+        ties=merge_settings("ties_merging"),
+        max_images=analysis_max_images("robustness"),
+        batch=config["evaluation"]["batch_size"],
+        code=code_version(
+            *ANALYSIS_CODE,
+            "analysis/robustness.py",
+            "analysis/corruptions.py",
+            "merging/adamerging.py",
+        ),
+    shell:
+        "python -m pipeline analysis-robustness --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "--task-vectors {input.store} --finetuned {input.finetuned} --heads {input.heads} "
+        "--data {input.data} --corruption {wildcards.corruption} --severity {params.severity} "
+        "--variant {params.variant} --adamerging {params.adamerging:q} --lambdas {params.lambdas:q} "
+        "--ties {params.ties:q} --max-images {params.max_images} --batch-size {params.batch} "
+        "--out {output} --threads {threads} > {log} 2>&1"
+
+
+rule analysis_robustness:
+    input:
+        expand(
+            f"{AN}/robustness/{{c}}.parquet",
+            c=["clean"] + analysis_cfg("robustness").get("corruptions", CORRUPTIONS),
+        ),
+    output:
+        table=f"{AN}/robustness.parquet",
+        figure=report(
+            f"{AN}/robustness.png",
+            category="Analysis",
+            caption="../report/robustness.rst",
+        ),
+    log:
+        f"{LOGS}/analysis/robustness.log",
+    benchmark:
+        f"{BENCH}/analysis/robustness.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        zoo=zoo_json(),
+        code=code_version(*ANALYSIS_CODE, "analysis/robustness.py"),
+    shell:
+        "python -m pipeline analysis-robustness-table --zoo {params.zoo:q} --inputs {input} "
+        "--out {output.table} --figure {output.figure} > {log} 2>&1"
+
+
+rule analysis_unseen_run:
+    input:
+        pretrained=f"{MODELS}/pretrained.safetensors",
+        store=task_vectors(SEEN_TASKS),
+        finetuned=finetuned(SEEN_TASKS),
+        heads=heads(UNSEEN_ALL),
+        data=task_data(UNSEEN_ALL),
+    output:
+        f"{AN}/unseen/{{approach}}.parquet",
+    log:
+        f"{LOGS}/analysis/unseen_{{approach}}.log",
+    benchmark:
+        f"{BENCH}/analysis/unseen_{{approach}}.tsv"
+    wildcard_constraints:
+        approach="|".join(["baselines"] + ADAMERGING_VARIANTS),
+    conda:
+        ENV
+    threads: THREADS
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=lambda wc: 0 if wc.approach == "baselines" else ADAMERGING.get("gpus", 1),
+    params:
+        zoo=zoo_json(),
+        seen=SEEN_TASKS,
+        unseen=UNSEEN_TASKS,
+        tasks=UNSEEN_ALL,
+        adamerging=adamerging_settings("unseen"),
+        lambdas=merge_lambdas("unseen"),
+        ties=merge_settings("ties_merging"),
+        max_images=analysis_max_images("unseen"),
+        batch=config["evaluation"]["batch_size"],
+        code=code_version(
+            *ANALYSIS_CODE,
+            "analysis/unseen.py",
+            "analysis/robustness.py",
+            "merging/adamerging.py",
+        ),
+    shell:
+        "python -m pipeline analysis-unseen --zoo {params.zoo:q} --variant {wildcards.approach} "
+        "--pretrained {input.pretrained} --task-vectors {input.store} --finetuned {input.finetuned} "
+        "--heads {input.heads} --data {input.data} --tasks {params.tasks} --seen {params.seen} "
+        "--unseen {params.unseen} --adamerging {params.adamerging:q} --lambdas {params.lambdas:q} "
+        "--ties {params.ties:q} --max-images {params.max_images} --batch-size {params.batch} "
+        "--out {output} --threads {threads} > {log} 2>&1"
+
+
+rule analysis_unseen:
+    input:
+        expand(f"{AN}/unseen/{{a}}.parquet", a=["baselines"] + UNSEEN_VARIANTS),
+    output:
+        table=f"{AN}/unseen.parquet",
+        figure=report(
+            f"{AN}/unseen.png",
+            category="Analysis",
+            caption="../report/unseen.rst",
+        ),
+    log:
+        f"{LOGS}/analysis/unseen.log",
+    benchmark:
+        f"{BENCH}/analysis/unseen.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        zoo=zoo_json(),
+        code=code_version(*ANALYSIS_CODE, "analysis/unseen.py"),
+    shell:
+        "python -m pipeline analysis-unseen-table --zoo {params.zoo:q} --inputs {input} "
+        "--out {output.table} --figure {output.figure} > {log} 2>&1"

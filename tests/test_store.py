@@ -134,3 +134,13 @@ def test_rewrite_replaces_a_task(tmp_path):
     write_task_vector(tmp_path / "tv.zarr", "a", pre, ft, tmp_path / "a.safetensors", CHUNK_MIB)
     (_, _, block), *_ = TaskVectorStore(tmp_path / "tv.zarr", ["a"]).chunks()
     assert torch.equal(block[0], (ft["conv1.weight"] - pre["conv1.weight"]).reshape(-1)[:CHUNK])
+
+
+def test_rewrite_removes_temporaries_left_by_a_sigkill(tmp_path):
+    pre, fts = build(tmp_path, ("a",))
+    stale = tmp_path / ".tv.zarr.a.x1y2.tmp"  # what a SIGKILL during a write leaves behind
+    (stale / "conv1.weight").mkdir(parents=True)
+    other = tmp_path / ".tv.zarr.b.x1y2.tmp"  # another task's write: not ours to remove
+    other.mkdir()
+    write_task_vector(tmp_path / "tv.zarr", "a", pre, fts["a"], tmp_path / "a.safetensors", CHUNK_MIB)
+    assert not stale.exists() and other.exists()

@@ -70,6 +70,8 @@ def write_task_vector(root: str | Path, task: str, pretrained: Mapping[str, torc
              "chunk_elements": chunk_elements(chunk_mib), "keys": keys}
     _ensure_root(root)
     final = root / task
+    for stale in root.parent.glob(f".{root.name}.{task}.*.tmp"):  # left by a killed earlier write
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.{task}.", suffix=".tmp"))
     try:
         group = zarr.open_group(str(tmp), mode="w", attributes=attrs)

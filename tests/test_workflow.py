@@ -79,3 +79,22 @@ def test_adding_a_task_reruns_only_its_jobs_and_the_whole_set_jobs(micro_run: Pa
         "report": 1, "all": 1,
     }
     assert "wildcards: task=count" in proc.stdout
+
+
+def test_added_task_runs_and_lands_in_the_results(micro_run: Path):
+    """Run the added-task config for real (after the dry-run test above): only the expected
+    jobs run, the old tasks' checkpoints stay untouched, and the merges include the new task."""
+    added = micro_run / "config/added.yaml"
+    if not added.exists():
+        pytest.skip("needs test_adding_a_task_reruns_only_its_jobs_and_the_whole_set_jobs first")
+    models = micro_run / "resources/models" / ZOO / "finetuned"
+    before = {p.name: p.stat().st_mtime_ns for p in models.glob("*.safetensors")}
+    snakemake("--cores", "2", "--configfile", "config/added.yaml", cwd=micro_run)
+    after = {p.name: p.stat().st_mtime_ns for p in models.glob("*.safetensors")}
+    assert {k: after[k] for k in before} == before  # no old task was fine-tuned again
+    assert "count.safetensors" in after
+    table = pd.read_parquet(micro_run / f"results/{ZOO}/report/accuracy_table.parquet").set_index("method")
+    assert "count" in table.columns and table.loc["task_arithmetic", "count"] > 0
+    assert "count" in pd.read_parquet(micro_run / f"results/{ZOO}/eval/adamerging_layer_wise.parquet")["task"].values
+    proc = snakemake("-n", "--cores", "2", "--configfile", "config/added.yaml", cwd=micro_run)
+    assert "Nothing to be done" in proc.stdout + proc.stderr

@@ -42,7 +42,8 @@ def cmd_task_data(a) -> None:
 def cmd_pretrain(a) -> None:
     from pipeline.data.synthetic import vocabulary
     from pipeline.models.checkpoints import save_state_dict
-    from pipeline.zoo.synthetic_zoo import pretrain, write_json
+    from pipeline.io import write_json
+    from pipeline.zoo.synthetic_zoo import pretrain
 
     cfg = dict(a.zoo["synthetic"]["pretrain"], arch=a.zoo["arch"])
     model, tokenizer = pretrain(cfg, a.zoo["seed"])
@@ -130,7 +131,7 @@ def _open_store(a):
 
 def _write_merge(state_dict: dict, out: str, record: dict) -> None:
     from pipeline.models.checkpoints import save_state_dict
-    from pipeline.zoo.synthetic_zoo import write_json
+    from pipeline.io import write_json
 
     save_state_dict(state_dict, out)
     write_json(record, Path(out).with_suffix(".json"))
@@ -154,6 +155,7 @@ def cmd_lambda_search(a) -> None:
 
     import pandas as pd
 
+    from pipeline.io import write_parquet
     from pipeline.data.tasks import load_split
     from pipeline.merging import SEARCH_METHODS, apply_vector
     from pipeline.merging.lambda_search import grid, search
@@ -168,10 +170,7 @@ def cmd_lambda_search(a) -> None:
     val = [(t, load_head(h), load_split(a.zoo, t, "val", f)) for t, h, f in zip(a.tasks, a.heads, data_files, strict=True)]
     rows, best = search(encoder, pretrained, vector, lambdas, val, a.method, a.batch_size)
     log.info("%s: best lambda %s on validation", a.method, best)
-    tmp = Path(a.search_out).with_suffix(".tmp.parquet")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_parquet(tmp, index=False)
-    tmp.replace(a.search_out)
+    write_parquet(pd.DataFrame(rows), a.search_out)
     _write_merge(apply_vector(pretrained, vector, best), a.out,
                  {"method": a.method, "settings": {**settings, "lam": best}, "lambda_grid": lambdas,
                   "tasks": a.tasks, **store.describe()})
@@ -210,6 +209,7 @@ def cmd_multitask(a) -> None:
 def cmd_evaluate(a) -> None:
     import pandas as pd
 
+    from pipeline.io import write_parquet
     from pipeline.data.tasks import load_split
     from pipeline.evaluation import accuracy
     from pipeline.zoo.store import load_clip, load_encoder_state, load_head
@@ -225,9 +225,7 @@ def cmd_evaluate(a) -> None:
         r = accuracy(encoder, load_head(head), data, a.batch_size, desc=f"{a.model} on {task}")
         rows.append({"model": a.model, "method": a.method, "task": task, "split": a.split, **r})
         log.info("%s on %s: %.2f%% (n=%d)", a.model, task, r["accuracy"], r["n"])
-    tmp = Path(a.out).with_suffix(".tmp.parquet")
-    pd.DataFrame(rows).to_parquet(tmp, index=False)
-    tmp.replace(a.out)
+    write_parquet(pd.DataFrame(rows), a.out)
 
 
 def cmd_report(a) -> None:

@@ -7,7 +7,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from conftest import REPO, snakemake
+from workflow_helpers import REPO, snakemake
 
 SCHEMA = str(REPO / "workflow/schemas/config.schema.yaml")
 

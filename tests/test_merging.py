@@ -112,7 +112,7 @@ def test_ties_keeps_exactly_with_ties_and_zero_signs(tmp_path, k, merge):
     """Few magnitude levels: many entries tie at the threshold, and +x/-x pairs elect sign 0."""
     pre = encoder_state()
     g = torch.Generator().manual_seed(k)
-    fts = {}
+    fts, prev = {}, None
     for i, t in enumerate(TASKS):
         steps = {key: torch.randint(-2, 3, v.shape, generator=g) * 0.25 for key, v in pre.items()}
         if i % 2:  # task b cancels task a, task d cancels task c on the first tensor: zero elected signs

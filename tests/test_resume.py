@@ -33,7 +33,7 @@ import torch
 import zarr
 from safetensors.torch import load_file
 
-from conftest import REPO, snakemake, snakemake_command, tiny_config
+from workflow_helpers import REPO, snakemake, snakemake_command, tiny_config
 from pipeline.store.task_vectors import TaskVectorStore
 
 # Snakemake marks directory() outputs with a .snakemake_timestamp file, which zarr notes

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import snakemake
+from workflow_helpers import snakemake
 
 pytestmark = pytest.mark.workflow
 

@@ -9,8 +9,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+
+from pipeline.io import write_parquet  # noqa: E402,F401 (the analyses' parquet writer)
 
 STYLE = {
     "font.family": "serif",
@@ -44,15 +45,6 @@ def label(name: str) -> str:
     if name.startswith("finetuned_"):
         return f"FT {name.removeprefix('finetuned_')}"
     return name
-
-
-def write_parquet(table: pd.DataFrame, path: str | Path) -> None:
-    """Write ``table`` to ``path`` through a temporary file (readers never see a partial one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.parquet")
-    table.to_parquet(tmp, index=False)
-    tmp.replace(path)
 
 
 def save_figure(fig, path: str | Path) -> None:

@@ -25,7 +25,6 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from kernels import ties_merge, weighted_sum
 from pipeline.functional import FlatLayout, functional_forward
+from pipeline.io import write_parquet
 from pipeline.models.clip import logits
 
 log = logging.getLogger(__name__)
@@ -253,14 +253,6 @@ def entropy_table(result: Result) -> pd.DataFrame:
     return pd.DataFrame({"variant": result.variant, "step": range(len(result.entropy)), "entropy": result.entropy})
 
 
-def _write_parquet(table: pd.DataFrame, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.parquet")
-    table.to_parquet(tmp, index=False)
-    tmp.replace(path)
-
-
 def add_adamerging_verb(subparsers: argparse._SubParsersAction) -> None:
     """The ``adamerge`` verb of ``python -m pipeline``."""
     s = subparsers.add_parser("adamerge", help="learn AdaMerging coefficients and write the merged encoder")
@@ -315,5 +307,5 @@ def run_adamerging_cli(args: argparse.Namespace) -> None:
              result.entropy[-1] if result.entropy else float("nan"),
              float(result.lambdas.min()), float(result.lambdas.max()))
     save_state_dict(result.state_dict, args.out)
-    _write_parquet(lambda_table(result, args.tasks), args.lambdas)
-    _write_parquet(entropy_table(result), args.entropy)
+    write_parquet(lambda_table(result, args.tasks), args.lambdas)
+    write_parquet(entropy_table(result), args.entropy)

@@ -7,9 +7,8 @@ a JSON manifest), so no later stage can tell it from a real one.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -144,9 +143,11 @@ def zero_shot_head(model, tokenizer, task: str) -> torch.Tensor:
     return zero_shot_weights(model, tokenizer, attr.classnames, attr.templates)
 
 
-def finetune(encoder: torch.nn.Module, head: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-             cfg: dict, seed: int, desc: str = "finetune", progress: bool = True) -> dict[str, torch.Tensor]:
-    """Fine-tune an image encoder through a frozen head with cross-entropy; returns its state dict."""
+def train_encoder(encoder: torch.nn.Module, tasks: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                  cfg: dict, seed: int, desc: str = "finetune", progress: bool = True) -> dict[str, torch.Tensor]:
+    """Train an image encoder through frozen heads on ``tasks`` (head, images, labels): each step
+    one batch per task, the mean of the tasks' cross-entropies; AdamW with warm-up then cosine
+    (``cfg``: steps, batch_size, lr, weight_decay, warmup). Returns its state dict."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(encoder.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -154,8 +155,10 @@ def finetune(encoder: torch.nn.Module, head: torch.Tensor, x: torch.Tensor, y: t
     encoder.train()
     bar = tqdm(range(cfg["steps"]), desc=desc, disable=not progress, mininterval=2)
     for _ in bar:
-        idx = torch.randint(0, len(x), (cfg["batch_size"],), generator=gen)
-        loss = F.cross_entropy(logits(encoder(x[idx]), head), y[idx])
+        loss = 0.0
+        for head, x, y in tasks:
+            idx = torch.randint(0, len(x), (cfg["batch_size"],), generator=gen)
+            loss = loss + F.cross_entropy(logits(encoder(x[idx]), head), y[idx]) / len(tasks)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -165,8 +168,7 @@ def finetune(encoder: torch.nn.Module, head: torch.Tensor, x: torch.Tensor, y: t
     return {k: v.detach().clone() for k, v in encoder.state_dict().items()}
 
 
-def write_json(obj, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    tmp.replace(path)
+def finetune(encoder: torch.nn.Module, head: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+             cfg: dict, seed: int, desc: str = "finetune", progress: bool = True) -> dict[str, torch.Tensor]:
+    """Fine-tune an image encoder on one task through its frozen head; returns its state dict."""
+    return train_encoder(encoder, [(head, x, y)], cfg, seed, desc, progress)

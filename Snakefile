@@ -4,7 +4,11 @@ from snakemake.utils import min_version
 min_version("8.0")
 
 
-configfile: "config/config.yaml"
+# The demo config, unless --configfile names others: those replace it instead of being
+# merged into it, so no demo setting leaks into another configuration.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"

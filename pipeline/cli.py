@@ -60,6 +60,7 @@ def cmd_import_pretrained(a) -> None:
 
 
 def cmd_head(a) -> None:
+    from pipeline.data.tasks import task_prompts
     from pipeline.models.clip import zero_shot_weights
     from pipeline.zoo.store import load_clip, load_tokenizer, save_head
 
@@ -67,19 +68,6 @@ def cmd_head(a) -> None:
     tokenizer = load_tokenizer(a.zoo, Path(a.pretrained).parent)
     classnames, templates = task_prompts(a.zoo, a.task)
     save_head(zero_shot_weights(model, tokenizer, classnames, templates), a.out)
-
-
-def task_prompts(zoo: dict, task: str) -> tuple[list[str], list[str]]:
-    """Class names and prompt templates of a task (synthetic catalogue or the paper's datasets)."""
-    if zoo["source"] == "synthetic":
-        from pipeline.data.synthetic import ATTRIBUTES
-
-        if task not in ATTRIBUTES:
-            raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(ATTRIBUTES)}")
-        return ATTRIBUTES[task].classnames, ATTRIBUTES[task].templates
-    from pipeline.data.paper_datasets import classnames, templates
-
-    return classnames(task, zoo.get("data_root")), templates(task)
 
 
 def cmd_finetune(a) -> None:

@@ -163,7 +163,7 @@ def write_report(eval_files: list[str], config: dict, benchmarks: list[str], zoo
 
 
 def _class_counts(zoo: dict, tasks: list[str]) -> dict[str, int]:
-    from pipeline.cli import task_prompts
+    from pipeline.data.tasks import task_prompts
 
     return {t: len(task_prompts(zoo, t)[0]) for t in tasks}
 

@@ -42,3 +42,16 @@ def as_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         return dataset.tensors[0], dataset.tensors[1]
     xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
     return torch.stack(xs), torch.as_tensor(ys)
+
+
+def task_prompts(zoo: dict, task: str) -> tuple[list[str], list[str]]:
+    """Class names and prompt templates of a task (synthetic catalogue or the paper's datasets)."""
+    if zoo["source"] == "synthetic":
+        from pipeline.data.synthetic import ATTRIBUTES
+
+        if task not in ATTRIBUTES:
+            raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(ATTRIBUTES)}")
+        return ATTRIBUTES[task].classnames, ATTRIBUTES[task].templates
+    from pipeline.data.paper_datasets import classnames, templates
+
+    return classnames(task, zoo.get("data_root")), templates(task)

@@ -132,7 +132,7 @@ rule zero_shot_head:
         runtime=10,
     params:
         zoo=zoo_json(),
-        code=code_version("models/clip.py", "zoo/store.py"),
+        code=code_version("models/clip.py", "zoo/store.py", "data/tasks.py"),
     shell:
         "python -m pipeline head --zoo {params.zoo:q} --task {wildcards.task} "
         "--pretrained {input.pretrained} --out {output} > {log} 2>&1"

@@ -13,7 +13,12 @@ For each model it times, interleaved over rounds (medians), on one fixed batch:
 and prints each step's overhead over the floor and the ratios. Models: the synthetic tiny
 ViT and an open_clip ViT-B-32 image encoder, K random task vectors. On CPU by default.
 
+With ``--e2e-steps N`` it then runs the pipeline's own ``adamerge()`` (layer-wise, N steps,
+the official batches: two of 16 images per task) end to end on the device and prints its
+wall time next to N floor steps and N steps of each peer (their median step time times N).
+
     python benchmarks/bench_adamerging.py [--configs tiny vit-b-32] [--rounds N] [--device cpu]
+    python benchmarks/bench_adamerging.py --configs vit-b-32-official --device cuda --e2e-steps 500
 
 FusionBench is benchmark-only; to include it without touching the project's venv:
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -39,12 +45,13 @@ from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.functional import FlatLayout  # noqa: E402
-from pipeline.merging.adamerging import FusedMerge, entropy_loss  # noqa: E402
+from pipeline.merging.adamerging import FusedMerge, Settings, adamerge, entropy_loss  # noqa: E402
 from pipeline.models.clip import create_model  # noqa: E402
 
 CONFIGS = {  # name: (arch, tasks, batch size, batches per task)
     "tiny": ("synth-vit-tiny", 8, 16, 2),
     "vit-b-32": ("ViT-B-32", 8, 1, 1),
+    "vit-b-32-official": ("ViT-B-32", 8, 16, 2),  # AdaMerging's batches, for a GPU
 }
 CLASSES = 10
 
@@ -145,7 +152,23 @@ def fusion_bench_available() -> bool:
     return True
 
 
-def bench(name: str, device: torch.device, rounds: int, with_fb: bool) -> dict[str, float]:
+def end_to_end(case: Case, steps: int, variant: str = "layer_wise") -> float:
+    """Seconds of the pipeline's ``adamerge()`` for ``steps`` steps, images cached on the device."""
+    bs, nb = case.sizes[0][0], len(case.sizes[0])
+    images = list(case.x.split(bs * nb))
+    settings = Settings(steps=steps, batch_size=bs, batches_per_task=nb, log_every=max(steps, 1))
+    _sync(case.device)
+    start = time.perf_counter()
+    result = adamerge(variant, case.encoder, case.tvs, case.heads, images, settings, device=case.device,
+                      progress=False)
+    _sync(case.device)
+    seconds = time.perf_counter() - start
+    print(f"  end to end: adamerge({variant!r}) {steps} steps in {seconds:.1f} s "
+          f"(entropy {result.entropy[0]:.4f} -> {result.entropy[-1]:.4f})")
+    return seconds
+
+
+def bench(name: str, device: torch.device, rounds: int, with_fb: bool, e2e_steps: int = 0) -> dict[str, float]:
     case = Case(name, device)
     steps = {"floor": floor_step(case), "ours": ours_step(case), "naive": naive_step(case)}
     if with_fb:
@@ -174,6 +197,10 @@ def bench(name: str, device: torch.device, rounds: int, with_fb: bool) -> dict[s
         other = med[key] - floor
         ratio = f"{other / ours:.2f}x" if ours > 0 else "n/a (our overhead is within noise)"
         print(f"  overhead {key} / ours: {ratio}; step {key} / ours: {med[key] / med['ours']:.2f}x")
+    if e2e_steps:
+        for key, t in med.items():
+            print(f"  {e2e_steps} steps of {key} (median step x {e2e_steps}): {t * e2e_steps:.1f} s")
+        med["end_to_end_s"] = end_to_end(case, e2e_steps)
     return med
 
 
@@ -183,11 +210,22 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--e2e-steps", type=int, default=0,
+                   help="then run the pipeline's adamerge() for this many steps end to end")
+    p.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"],
+                   help="torch.set_float32_matmul_precision (high: TF32 on CUDA)")
+    p.add_argument("--json", type=Path, help="write the medians (seconds) as JSON here")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    torch.set_float32_matmul_precision(a.matmul_precision)
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, matmul precision {a.matmul_precision}")
     with_fb = fusion_bench_available()
-    for name in a.configs:
-        bench(name, torch.device(a.device), a.rounds, with_fb)
+    results = {name: bench(name, device, a.rounds, with_fb, a.e2e_steps) for name in a.configs}
+    if a.json:
+        a.json.write_text(json.dumps({"device": str(device), "matmul_precision": a.matmul_precision,
+                                      "e2e_steps": a.e2e_steps, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

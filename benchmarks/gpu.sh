@@ -1,50 +1,63 @@
 #!/usr/bin/env bash
-# GPU check of the Triton kernels: every kernel test compiled on CUDA (no interpreter), then
-# the kernel benchmark. Writes to $OUT: kernel_tests.{log,xml}, bench_kernels.{log,json,md}
-# and summary.{json,md}. Run from anywhere: OUT=/path bash benchmarks/gpu.sh
+# One GPU session's checks, in one call: every kernel test compiled on CUDA (no interpreter),
+# the kernel benchmark, then the AdaMerging step benchmark and a 500-step end-to-end run on
+# 8 ViT-B/32 task vectors with AdaMerging's batches, in fp32 and in TF32. FusionBench joins
+# the AdaMerging benchmark when `fusion_bench` is importable (carry its wheels, see
+# docs/benchmarks.md). Writes 8 files to $OUT: kernel_tests.{log,xml}, bench_kernels.{json,md},
+# bench_adamerging.log, bench_adamerging_{fp32,tf32}.json and summary.md.
+#     OUT=/path bash benchmarks/gpu.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out}"
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'benchmarks/gpu.sh needs CUDA'" || exit 2
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-timeout "${TEST_TIMEOUT:-300}" "$PYTHON" -m pytest tests/kernels -q -p no:cacheprovider --confcutdir=tests/kernels \
+timeout "${TEST_TIMEOUT:-180}" "$PYTHON" -m pytest tests/kernels -q -p no:cacheprovider --confcutdir=tests/kernels \
     --junitxml="$OUT/kernel_tests.xml" >"$OUT/kernel_tests.log" 2>&1
 tests_rc=$?
-tail -n 15 "$OUT/kernel_tests.log"
+tail -n 8 "$OUT/kernel_tests.log"
 
-timeout "${BENCH_TIMEOUT:-420}" "$PYTHON" benchmarks/bench_kernels.py \
-    --json "$OUT/bench_kernels.json" --md "$OUT/bench_kernels.md" 2>&1 | tee "$OUT/bench_kernels.log"
-bench_rc=${PIPESTATUS[0]}
+timeout "${BENCH_TIMEOUT:-180}" "$PYTHON" benchmarks/bench_kernels.py \
+    --json "$OUT/bench_kernels.json" --md "$OUT/bench_kernels.md" 2>&1
+bench_rc=$?
 
-"$PYTHON" - "$OUT" "$tests_rc" "$bench_rc" <<'PY'
-import json, sys, xml.etree.ElementTree as ET
+ada_rc=0
+for precision in highest high; do
+    tag=$([ "$precision" = highest ] && echo fp32 || echo tf32)
+    timeout "${ADA_TIMEOUT:-150}" "$PYTHON" benchmarks/bench_adamerging.py --configs vit-b-32-official \
+        --device cuda --rounds 10 --e2e-steps 500 --matmul-precision "$precision" \
+        --json "$OUT/bench_adamerging_$tag.json" 2>&1 | grep -v "No pretrained weights" | tee -a "$OUT/bench_adamerging.log"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 0 ] && ada_rc=$rc
+done
+
+"$PYTHON" - "$OUT" "$tests_rc" "$bench_rc" "$ada_rc" <<'PY'
+import sys, xml.etree.ElementTree as ET
 from pathlib import Path
 
-out, tests_rc, bench_rc = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-tests = {"rc": tests_rc}
+out, tests_rc, bench_rc, ada_rc = Path(sys.argv[1]), *map(int, sys.argv[2:])
+lines = ["# GPU check", ""]
 if (out / "kernel_tests.xml").exists():
     suite = ET.parse(out / "kernel_tests.xml").getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    tests.update({key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")})
-    tests["time_s"] = float(suite.get("time", 0))
-    tests["failed"] = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
-                       if case.find("failure") is not None or case.find("error") is not None]
-bench = {"rc": bench_rc}
-if (out / "bench_kernels.json").exists():
-    bench.update(json.loads((out / "bench_kernels.json").read_text()))
-(out / "summary.json").write_text(json.dumps({"kernel_tests": tests, "bench": bench}, indent=1))
-lines = ["# Kernel GPU check", "",
-         f"Kernel tests: rc {tests_rc}, {tests.get('tests', '?')} run, {tests.get('failures', '?')} failed, "
-         f"{tests.get('errors', '?')} errors, {tests.get('skipped', '?')} skipped in {tests.get('time_s', '?')} s."]
-lines += [f"- FAILED {name}" for name in tests.get("failed", [])]
-lines += ["", f"Benchmark: rc {bench_rc}.", ""]
+    counts = {key: suite.get(key, "?") for key in ("tests", "failures", "errors", "skipped", "time")}
+    lines.append(f"Kernel tests: rc {tests_rc}, {counts['tests']} run, {counts['failures']} failed, "
+                 f"{counts['errors']} errors, {counts['skipped']} skipped in {counts['time']} s.")
+    lines += [f"- FAILED {case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
+              if case.find("failure") is not None or case.find("error") is not None]
+else:
+    lines.append(f"Kernel tests: rc {tests_rc}, no junit file.")
+lines += ["", f"Kernel benchmark: rc {bench_rc}; AdaMerging benchmark: rc {ada_rc}.", ""]
 if (out / "bench_kernels.md").exists():
     lines.append((out / "bench_kernels.md").read_text())
+if (out / "bench_adamerging.log").exists():
+    lines += ["", "## AdaMerging", "", "```", (out / "bench_adamerging.log").read_text(), "```"]
 (out / "summary.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines[:4 + len(tests.get("failed", []))]))
+print("\n".join(lines[:3]))
 PY
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+exit $(( tests_rc != 0 || bench_rc != 0 || ada_rc != 0 ))

@@ -45,7 +45,7 @@ from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.functional import FlatLayout  # noqa: E402
-from pipeline.merging.adamerging import FusedMerge, Settings, adamerge, entropy_loss  # noqa: E402
+from pipeline.merging.adamerging import PRECISIONS, FusedMerge, Settings, adamerge, compute_precision, entropy_loss  # noqa: E402
 from pipeline.models.clip import create_model  # noqa: E402
 
 CONFIGS = {  # name: (arch, tasks, batch size, batches per task)
@@ -152,11 +152,12 @@ def fusion_bench_available() -> bool:
     return True
 
 
-def end_to_end(case: Case, steps: int, variant: str = "layer_wise") -> float:
+def end_to_end(case: Case, steps: int, precision: str, variant: str = "layer_wise") -> float:
     """Seconds of the pipeline's ``adamerge()`` for ``steps`` steps, images cached on the device."""
     bs, nb = case.sizes[0][0], len(case.sizes[0])
     images = list(case.x.split(bs * nb))
-    settings = Settings(steps=steps, batch_size=bs, batches_per_task=nb, log_every=max(steps, 1))
+    settings = Settings(steps=steps, batch_size=bs, batches_per_task=nb, log_every=max(steps, 1),
+                        precision=precision)
     _sync(case.device)
     start = time.perf_counter()
     result = adamerge(variant, case.encoder, case.tvs, case.heads, images, settings, device=case.device,
@@ -168,7 +169,18 @@ def end_to_end(case: Case, steps: int, variant: str = "layer_wise") -> float:
     return seconds
 
 
-def bench(name: str, device: torch.device, rounds: int, with_fb: bool, e2e_steps: int = 0) -> dict[str, float]:
+def bench(name: str, device: torch.device, rounds: int, with_fb: bool, precision: str,
+          e2e_steps: int = 0) -> dict[str, float]:
+    with compute_precision(precision, device):
+        med = bench_steps(name, device, rounds, with_fb)
+    if e2e_steps:
+        for key, t in list(med.items()):
+            print(f"  {e2e_steps} steps of {key} (median step x {e2e_steps}): {t * e2e_steps:.1f} s")
+        med["end_to_end_s"] = end_to_end(Case(name, device), e2e_steps, precision)
+    return med
+
+
+def bench_steps(name: str, device: torch.device, rounds: int, with_fb: bool) -> dict[str, float]:
     case = Case(name, device)
     steps = {"floor": floor_step(case), "ours": ours_step(case), "naive": naive_step(case)}
     if with_fb:
@@ -197,10 +209,6 @@ def bench(name: str, device: torch.device, rounds: int, with_fb: bool, e2e_steps
         other = med[key] - floor
         ratio = f"{other / ours:.2f}x" if ours > 0 else "n/a (our overhead is within noise)"
         print(f"  overhead {key} / ours: {ratio}; step {key} / ours: {med[key] / med['ours']:.2f}x")
-    if e2e_steps:
-        for key, t in med.items():
-            print(f"  {e2e_steps} steps of {key} (median step x {e2e_steps}): {t * e2e_steps:.1f} s")
-        med["end_to_end_s"] = end_to_end(case, e2e_steps)
     return med
 
 
@@ -212,19 +220,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--e2e-steps", type=int, default=0,
                    help="then run the pipeline's adamerge() for this many steps end to end")
-    p.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"],
-                   help="torch.set_float32_matmul_precision (high: TF32 on CUDA)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="encoder compute: fp32, TF32 matmuls, bf16 autocast (every method alike)")
     p.add_argument("--json", type=Path, help="write the medians (seconds) as JSON here")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    torch.set_float32_matmul_precision(a.matmul_precision)
     device = torch.device(a.device)
     if device.type == "cuda":
-        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, matmul precision {a.matmul_precision}")
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, precision {a.precision}")
     with_fb = fusion_bench_available()
-    results = {name: bench(name, device, a.rounds, with_fb, a.e2e_steps) for name in a.configs}
+    results = {name: bench(name, device, a.rounds, with_fb, a.precision, a.e2e_steps) for name in a.configs}
     if a.json:
-        a.json.write_text(json.dumps({"device": str(device), "matmul_precision": a.matmul_precision,
+        a.json.write_text(json.dumps({"device": str(device), "precision": a.precision,
                                       "e2e_steps": a.e2e_steps, "results": results}, indent=1))
 
 

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in one call: every kernel test compiled on CUDA (no interpreter),
 # the kernel benchmark, then the AdaMerging step benchmark and a 500-step end-to-end run on
-# 8 ViT-B/32 task vectors with AdaMerging's batches, in fp32 and in TF32. FusionBench joins
+# 8 ViT-B/32 task vectors with AdaMerging's batches, in fp32, TF32 and bf16 autocast. FusionBench joins
 # the AdaMerging benchmark when `fusion_bench` is importable (carry its wheels, see
-# docs/benchmarks.md). Writes 8 files to $OUT: kernel_tests.{log,xml}, bench_kernels.{json,md},
-# bench_adamerging.log, bench_adamerging_{fp32,tf32}.json and summary.md.
+# docs/benchmarks.md). Writes 8 files to $OUT: kernel_tests.log, bench_kernels.{json,md},
+# bench_adamerging.log, bench_adamerging_{fp32,tf32,bf16}.json and summary.md.
 #     OUT=/path bash benchmarks/gpu.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out}"
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$OUT"
+JUNIT="$(mktemp --suffix=.xml)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'benchmarks/gpu.sh needs CUDA'" || exit 2
@@ -18,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 timeout "${TEST_TIMEOUT:-180}" "$PYTHON" -m pytest tests/kernels -q -p no:cacheprovider --confcutdir=tests/kernels \
-    --junitxml="$OUT/kernel_tests.xml" >"$OUT/kernel_tests.log" 2>&1
+    --junitxml="$JUNIT" >"$OUT/kernel_tests.log" 2>&1
 tests_rc=$?
 tail -n 8 "$OUT/kernel_tests.log"
 
@@ -27,23 +28,23 @@ timeout "${BENCH_TIMEOUT:-180}" "$PYTHON" benchmarks/bench_kernels.py \
 bench_rc=$?
 
 ada_rc=0
-for precision in highest high; do
-    tag=$([ "$precision" = highest ] && echo fp32 || echo tf32)
+for precision in fp32 tf32 bf16; do
     timeout "${ADA_TIMEOUT:-150}" "$PYTHON" benchmarks/bench_adamerging.py --configs vit-b-32-official \
-        --device cuda --rounds 10 --e2e-steps 500 --matmul-precision "$precision" \
-        --json "$OUT/bench_adamerging_$tag.json" 2>&1 | grep -v "No pretrained weights" | tee -a "$OUT/bench_adamerging.log"
+        --device cuda --rounds 10 --e2e-steps 500 --precision "$precision" \
+        --json "$OUT/bench_adamerging_$precision.json" 2>&1 | grep -v "No pretrained weights" | tee -a "$OUT/bench_adamerging.log"
     rc=${PIPESTATUS[0]}
     [ "$rc" -ne 0 ] && ada_rc=$rc
 done
 
-"$PYTHON" - "$OUT" "$tests_rc" "$bench_rc" "$ada_rc" <<'PY'
+"$PYTHON" - "$OUT" "$JUNIT" "$tests_rc" "$bench_rc" "$ada_rc" <<'PY'
 import sys, xml.etree.ElementTree as ET
 from pathlib import Path
 
-out, tests_rc, bench_rc, ada_rc = Path(sys.argv[1]), *map(int, sys.argv[2:])
+out, junit = Path(sys.argv[1]), Path(sys.argv[2])
+tests_rc, bench_rc, ada_rc = map(int, sys.argv[3:])
 lines = ["# GPU check", ""]
-if (out / "kernel_tests.xml").exists():
-    suite = ET.parse(out / "kernel_tests.xml").getroot()
+if junit.stat().st_size:
+    suite = ET.parse(junit).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {key: suite.get(key, "?") for key in ("tests", "failures", "errors", "skipped", "time")}
     lines.append(f"Kernel tests: rc {tests_rc}, {counts['tests']} run, {counts['failures']} failed, "

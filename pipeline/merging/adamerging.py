@@ -19,6 +19,7 @@ raw coefficients only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -49,6 +50,22 @@ VARIANTS = {
 }
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def compute_precision(precision: str, device: torch.device):
+    """Run the encoder in ``precision``: fp32, TF32 matmuls, or bf16 autocast; the merged
+    weights, coefficients and optimizer stay fp32. Restores the matmul precision after."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 @dataclass(frozen=True)
 class Settings:
     """AdaMerging hyper-parameters (defaults: the official code)."""
@@ -63,11 +80,14 @@ class Settings:
     ties_k: float = 20.0  # AdaMerging++: percentage of entries each task vector keeps
     log_every: int = 100  # coefficients are recorded every this many steps and at the end
     seed: int = 0
+    precision: str = "fp32"  # encoder matmuls: fp32 (the paper), tf32 or bf16 (autocast)
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1 or self.batches_per_task < 1 or self.log_every < 1:
             raise ValueError(f"AdaMerging settings need steps >= 0 and batch_size, batches_per_task, "
                              f"log_every >= 1: {self}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"AdaMerging precision {self.precision!r} unknown; choose one of {PRECISIONS}")
         if not self.clamp[0] <= self.clamp[1]:
             raise ValueError(f"AdaMerging clamp bounds {self.clamp} must be (low, high) with low <= high")
 
@@ -210,19 +230,22 @@ def adamerge(variant: str, encoder: nn.Module, finetuned: Sequence[StateDict] | 
     optimizer = torch.optim.Adam([model.lambda_raw], lr=s.lr, betas=s.betas)
     generator = torch.Generator().manual_seed(s.seed)
     history = {0: model.lambda_raw.detach().cpu().clone()}
-    entropy = []
+    losses = []  # kept on the device: no host synchronisation per step
     bar = tqdm(range(s.steps), desc=f"adamerging {variant}", disable=not progress, mininterval=2)
-    for step in bar:
-        x, sizes = draw_batches(images, s.batch_size, s.batches_per_task, generator)
-        loss = entropy_loss(model(x.to(device, non_blocking=True)), heads, sizes)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        entropy.append(loss.item())
-        bar.set_postfix(entropy=f"{entropy[-1]:.4f}", refresh=False)
-        done = step + 1
-        if done % s.log_every == 0 or done == s.steps:
-            history[done] = model.lambda_raw.detach().cpu().clone()
+    with compute_precision(s.precision, device):
+        for step in bar:
+            x, sizes = draw_batches(images, s.batch_size, s.batches_per_task, generator)
+            loss = entropy_loss(model(x.to(device, non_blocking=True)), heads, sizes)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+            done = step + 1
+            if done % s.log_every == 0 or done == s.steps:
+                history[done] = model.lambda_raw.detach().cpu().clone()
+            if progress and done % 10 == 0:
+                bar.set_postfix(entropy=f"{losses[-1].item():.4f}", refresh=False)
+    entropy = torch.stack(losses).float().tolist() if losses else []
     with torch.no_grad():
         state_dict = layout.state_dict(model.merged(), pretrained)
     return Result(variant, layout, s, history, entropy, state_dict)

@@ -205,7 +205,9 @@ def _thresholds_torch(chunks: Chunks, k: float) -> torch.Tensor:
                         for j in range(n_tasks)])
 
 
-def _trimmed_sum_torch(chunk: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+def ties_trimmed_sum(chunk: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Sum over tasks, sequential in fp32, of the entries each task keeps: the elected sign's
+    argument, as the kernels compute it."""
     acc = torch.zeros(chunk.shape[1], dtype=torch.float32, device=chunk.device)
     for j in range(chunk.shape[0]):
         x = chunk[j].float()
@@ -238,7 +240,7 @@ def ties_majority(tvs: torch.Tensor | Chunks, thresholds: torch.Tensor,
                                                        chunk.stride(0), BLOCK=BLOCK, num_warps=NUM_WARPS)
             total += counts.sum(dtype=torch.int64)
         else:
-            total += _trimmed_sum_torch(chunk, thresholds).sign().sum(dtype=torch.int64)
+            total += ties_trimmed_sum(chunk, thresholds).sign().sum(dtype=torch.int64)
     return total.sign().to(torch.int32)
 
 
@@ -250,7 +252,7 @@ def ties_stats(tvs: torch.Tensor | Chunks, k: float = 20, backend: str = "auto")
 
 def _apply_torch(chunk: torch.Tensor, stats: TiesStats, mean: bool,
                  return_parts: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    positive = _trimmed_sum_torch(chunk, stats.thresholds)
+    positive = ties_trimmed_sum(chunk, stats.thresholds)
     positive = (positive > 0) | ((positive == 0) & (stats.majority > 0))
     total = torch.zeros(chunk.shape[1], dtype=torch.float32, device=chunk.device)
     count = torch.zeros(chunk.shape[1], dtype=torch.int32, device=chunk.device)

@@ -95,12 +95,13 @@ def cmd_import_finetuned(a) -> None:
 
 
 def cmd_task_vector(a) -> None:
-    from pipeline.store.task_vectors import write_task_vector
+    from pipeline.store.task_vectors import Storage, write_task_vector
     from pipeline.zoo.store import load_clip, load_encoder_state
 
     pretrained = load_clip(a.zoo, a.pretrained).visual.state_dict()
     out = Path(a.out)
-    write_task_vector(out.parent, a.task, pretrained, load_encoder_state(a.finetuned), a.finetuned, a.chunk_mib)
+    write_task_vector(out.parent, a.task, pretrained, load_encoder_state(a.finetuned), a.finetuned, a.chunk_mib,
+                      Storage(**_json(a.storage)))
 
 
 def _open_store(a):
@@ -132,10 +133,18 @@ def cmd_merge(a) -> None:
 
     if a.method not in STORE_METHODS:
         raise ValueError(f"merge: unknown method {a.method!r}; task-vector methods: {STORE_METHODS}")
+    from pipeline.io import write_json
+    from pipeline.merging import default_device
+    from pipeline.store.streaming import merge_to_file
+
     _, pretrained, store = _open_store(a)
     settings = _json(a.settings)
-    merged = importlib.import_module(f"pipeline.merging.{a.method}").merge(pretrained, store, **settings)
-    _write_merge(merged, a.out, {"method": a.method, "settings": settings, "tasks": a.tasks, **store.describe()})
+    reducer = importlib.import_module(f"pipeline.merging.{a.method}").reducer(store, **settings)
+    summary = merge_to_file(store, reducer, pretrained, a.out, a.budget_mib, default_device(), desc=a.method)
+    log.info("%s: %d passes, %.0f MiB read, %.1f s", a.method, summary["passes"], summary["bytes_read"] / 2**20,
+             summary["seconds"])
+    write_json({"method": a.method, "settings": settings, "tasks": a.tasks, **store.describe()},
+               Path(a.out).with_suffix(".json"))
 
 
 def cmd_lambda_search(a) -> None:
@@ -252,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     heads_data = ((["--heads"], {"nargs": "+", "required": True}),
                   (["--data"], {"nargs": "*", "default": [], "help": "synthetic task files, one per task"}))
     verb("task-vector", cmd_task_vector, task, pretrained, (["--finetuned"], {"required": True}),
-         (["--chunk-mib"], {"type": float, "default": 4.0}), out)
-    verb("merge", cmd_merge, pretrained, method, store, settings, out)
+         (["--chunk-mib"], {"type": float, "default": 4.0}),
+         (["--storage"], {"default": "{}", "help": 'store element type and codec as JSON {"dtype", "codec", "level"}'}), out)
+    verb("merge", cmd_merge, pretrained, method, store, settings, out,
+         (["--budget-mib"], {"type": float, "default": 1024, "help": "memory for blocks in flight (MiB)"}))
     verb("lambda-search", cmd_lambda_search, pretrained, method, store, settings, *heads_data,
          (["--grid"], {"required": True, "help": 'lambda grid as JSON {"start", "stop", "step"}'}), (["--search-out"], {"required": True}),
          (["--batch-size"], {"type": int, "default": 512}), out)

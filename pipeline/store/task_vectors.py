@@ -4,11 +4,13 @@
     results/{zoo}/task_vectors.zarr/{task}/     one subgroup per task, attributes:
         task, base_hash (state_dict_hash of the pretrained encoder), source_sha256 (of the
         fine-tuned checkpoint), chunk_elements, keys (state-dict order), complete (written last)
-    results/{zoo}/task_vectors.zarr/{task}/{key}  one flat fp32 array per floating tensor of
-        the image encoder, named by its state-dict key, chunked into ``chunk_elements``
-        entries; attributes: shape and dtype of the source tensor
+    results/{zoo}/task_vectors.zarr/{task}/{key}  one flat array per floating tensor of the
+        image encoder, named by its state-dict key, chunked into ``chunk_elements`` entries;
+        attributes: shape and dtype of the source tensor
 
-A task vector is fine-tuned minus pretrained, computed in fp32. A subgroup is written under a
+A task vector is fine-tuned minus pretrained, computed in fp32 and stored as :class:`Storage`
+says: fp32 (default), fp16 or bf16 (kept as its uint16 bit patterns, zarr has no bfloat16),
+uncompressed (default), zstd or blosc. Readers always get fp32. A subgroup is written under a
 temporary name next to the store and renamed into place, and readers accept only subgroups
 whose ``complete`` attribute is set, so a killed writer leaves nothing a reader trusts.
 :class:`TaskVectorStore` streams the K task vectors chunk by chunk.
@@ -19,7 +21,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +33,55 @@ from tqdm import tqdm
 from pipeline.models.checkpoints import check_compatible, check_finite, sha256_file, state_dict_hash
 
 DEFAULT_CHUNK_MIB = 4.0
-_ITEMSIZE = 4  # fp32
+DTYPES = {"float32": ("float32", 4), "float16": ("float16", 2), "bfloat16": ("uint16", 2)}  # zarr dtype, bytes
+CODECS = ("none", "zstd", "blosc")
 
 
-def chunk_elements(chunk_mib: float) -> int:
-    """Entries per chunk of fp32 arrays for a chunk size in MiB."""
+@dataclass(frozen=True)
+class Storage:
+    """How task vectors are stored: element type, compression codec and its level."""
+
+    dtype: str = "float32"
+    codec: str = "none"
+    level: int = 3
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"task-vector storage dtype {self.dtype!r} unknown; choose one of {sorted(DTYPES)}")
+        if self.codec not in CODECS:
+            raise ValueError(f"task-vector storage codec {self.codec!r} unknown; choose one of {CODECS}")
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1]
+
+    def compressors(self) -> list | None:
+        from zarr.codecs import BloscCodec, ZstdCodec
+
+        if self.codec == "zstd":
+            return [ZstdCodec(level=self.level)]
+        if self.codec == "blosc":
+            return [BloscCodec(cname="zstd", clevel=self.level, shuffle="shuffle", typesize=self.itemsize)]
+        return None
+
+    def encode(self, x: torch.Tensor) -> np.ndarray:
+        """fp32 tensor -> the array's numpy values."""
+        if self.dtype == "bfloat16":
+            return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return x.to(getattr(torch, self.dtype)).numpy()
+
+    def decode(self, values: np.ndarray) -> torch.Tensor:
+        """The array's numpy values -> fp32 tensor."""
+        if self.dtype == "bfloat16":
+            return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16).float()
+        return torch.from_numpy(values).float()
+
+
+def chunk_elements(chunk_mib: float, itemsize: int = 4) -> int:
+    """Entries per chunk for a chunk size in MiB and an element size in bytes."""
     if chunk_mib <= 0:
         raise ValueError(f"chunk size must be positive, got {chunk_mib} MiB")
-    return max(1, int(chunk_mib * 2**20) // _ITEMSIZE)
+    return max(1, int(chunk_mib * 2**20) // itemsize)
 
 
 def _ensure_root(root: Path) -> None:
@@ -55,36 +99,53 @@ def _ensure_root(root: Path) -> None:
 
 def write_task_vector(root: str | Path, task: str, pretrained: Mapping[str, torch.Tensor],
                       finetuned: Mapping[str, torch.Tensor], source: str | Path,
-                      chunk_mib: float = DEFAULT_CHUNK_MIB) -> Path:
+                      chunk_mib: float = DEFAULT_CHUNK_MIB, storage: Storage = Storage()) -> Path:
     """Write ``finetuned - pretrained`` (floating tensors of the image encoder) as the
     subgroup ``task`` of the store at ``root``; returns the subgroup's path.
 
     Refuses checkpoints whose keys, shapes or dtypes differ from ``pretrained`` and task
     vectors with NaN or Inf, naming the task and the tensor.
     """
-    root, source = Path(root), Path(source)
+    source = Path(source)
     check_compatible(pretrained, finetuned, "the pretrained encoder", f"task {task!r} ({source})")
     check_finite(finetuned, f"task {task!r} ({source})")
-    keys = [k for k, v in pretrained.items() if v.is_floating_point()]
-    attrs = {"task": task, "base_hash": state_dict_hash(pretrained), "source_sha256": sha256_file(source),
-             "chunk_elements": chunk_elements(chunk_mib), "keys": keys}
+
+    def diffs():
+        for key, base in pretrained.items():
+            if base.is_floating_point():
+                diff = finetuned[key].float() - base.float()
+                check_finite({key: diff}, f"task vector of task {task!r}")
+                yield key, diff, base.dtype
+
+    return write_diffs(root, task, diffs(), state_dict_hash(pretrained), sha256_file(source), chunk_mib, storage)
+
+
+def write_diffs(root: str | Path, task: str, diffs: Iterable[tuple[str, torch.Tensor, torch.dtype]],
+                base_hash: str, source_sha256: str, chunk_mib: float = DEFAULT_CHUNK_MIB,
+                storage: Storage = Storage()) -> Path:
+    """Write one task's vector from ``(key, fp32 difference, source dtype)`` items, one tensor
+    in memory at a time, atomically (temporary subgroup, then a rename)."""
+    root = Path(root)
     _ensure_root(root)
     final = root / task
     for stale in root.parent.glob(f".{root.name}.{task}.*.tmp"):  # left by a killed earlier write
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.{task}.", suffix=".tmp"))
+    n_chunk = chunk_elements(chunk_mib, storage.itemsize)
     try:
-        group = zarr.open_group(str(tmp), mode="w", attributes=attrs)
-        for key in tqdm(keys, desc=f"task vector {task}", mininterval=2):
-            diff = finetuned[key].float() - pretrained[key].float()
-            check_finite({key: diff}, f"task vector of task {task!r}")
-            array = group.create_array(key, shape=(diff.numel(),), dtype="float32",
-                                       chunks=(min(attrs["chunk_elements"], max(diff.numel(), 1)),),
-                                       compressors=None, fill_value=0.0,
+        group = zarr.open_group(str(tmp), mode="w", attributes={
+            "task": task, "base_hash": base_hash, "source_sha256": source_sha256,
+            "chunk_elements": n_chunk, "storage": asdict(storage)})
+        keys = []
+        for key, diff, dtype in tqdm(diffs, desc=f"task vector {task}", mininterval=2):
+            array = group.create_array(key, shape=(diff.numel(),), dtype=DTYPES[storage.dtype][0],
+                                       chunks=(min(n_chunk, max(diff.numel(), 1)),),
+                                       compressors=storage.compressors(), fill_value=0,
                                        attributes={"shape": list(diff.shape),
-                                                   "dtype": str(pretrained[key].dtype).removeprefix("torch.")})
-            array[:] = diff.reshape(-1).numpy()
-        group.attrs["complete"] = True  # last: readers trust only complete subgroups
+                                                   "dtype": str(dtype).removeprefix("torch.")})
+            array[:] = storage.encode(diff.reshape(-1))
+            keys.append(key)
+        group.attrs.update({"keys": keys, "complete": True})  # last: readers trust only complete subgroups
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -125,6 +186,7 @@ class TaskVectorStore:
                     f"(base model hash {ref_hash[:12]}) come from different pretrained models and "
                     f"cannot be combined; rebuild {self.root / task} from the zoo's pretrained model")
         self.base_hash = ref_hash
+        self.storage = {t: Storage(**self.groups[t].attrs.get("storage", {})) for t in self.tasks}
         self.shapes = {k: tuple(shape) for k, (shape, _) in ref_arrays.items()}
         self.dtypes = {k: getattr(torch, dtype) for k, (_, dtype) in ref_arrays.items()}
         self.keys = list(self.shapes)
@@ -155,30 +217,37 @@ class TaskVectorStore:
         K = len(tasks) (default all). Only one chunk per task is in memory at a time.
         Refuses NaN or Inf, naming task and tensor."""
         tasks = self.tasks if tasks is None else list(tasks)
+        for key, span in self.spans(progress):
+            block = self.read_block(key, span, tasks)
+            yield key, span, block.to(device) if device is not None else block
+
+    def spans(self, progress: str | None = None) -> Iterator[tuple[str, slice]]:
+        """``(key, flat slice)`` of every chunk, in store order (chunks of the first task)."""
         keys = tqdm(self.keys, desc=progress, mininterval=2) if progress else self.keys
         for key in keys:
-            arrays = [self.groups[t][key] for t in tasks]
-            size, step = arrays[0].shape[0], arrays[0].chunks[0]
+            array = self.groups[self.tasks[0]][key]
+            size, step = array.shape[0], array.chunks[0]
             for start in range(0, size, step):
-                span = slice(start, min(start + step, size))
-                block = torch.from_numpy(np.stack([a[span] for a in arrays]))
-                if not bool(torch.isfinite(block).all()):
-                    bad = [t for t, row in zip(tasks, block) if not bool(torch.isfinite(row).all())]
-                    raise ValueError(f"task vector of task {bad[0]!r} has NaN or Inf in tensor {key!r} "
-                                     f"({self.root / bad[0]}); rebuild it from a finite checkpoint")
-                yield key, span, block.to(device) if device is not None else block
+                yield key, slice(start, min(start + step, size))
+
+    def read_block(self, key: str, span: slice, tasks: Sequence[str] | None = None) -> torch.Tensor:
+        """The (K, n) fp32 values of ``key[span]`` of ``tasks`` (default all); refuses NaN or
+        Inf, naming task and tensor."""
+        tasks = self.tasks if tasks is None else tasks
+        block = torch.stack([self.storage[t].decode(self.groups[t][key][span]) for t in tasks])
+        if not bool(torch.isfinite(block).all()):
+            bad = [t for t, row in zip(tasks, block) if not bool(torch.isfinite(row).all())]
+            raise ValueError(f"task vector of task {bad[0]!r} has NaN or Inf in tensor {key!r} "
+                             f"({self.root / bad[0]}); rebuild it from a finite checkpoint")
+        return block
+
+    def nbytes(self) -> int:
+        """Bytes of the stored arrays' chunk files on disk (what one full read reads)."""
+        return sum(f.stat().st_size for t in self.tasks for f in (self.root / t).rglob("*") if f.is_file()
+                   and f.name != "zarr.json")
 
     def describe(self) -> dict:
         """Provenance of the store's subgroups (for settings files)."""
         return {"store": str(self.root), "base_hash": self.base_hash,
                 "sources": {t: self.groups[t].attrs["source_sha256"] for t in self.tasks}}
-
-
-def assemble(store: TaskVectorStore, reduce, device: torch.device | str | None = None,
-             progress: str | None = None) -> dict[str, torch.Tensor]:
-    """Full-shape fp32 tensors (on CPU) of ``reduce((K, n) chunk) -> (n,)`` over all chunks."""
-    out = {k: torch.empty(store.shapes[k], dtype=torch.float32) for k in store.keys}
-    for key, span, block in store.chunks(device, progress=progress):
-        out[key].view(-1)[span] = reduce(block).float().cpu()
-    return out
 

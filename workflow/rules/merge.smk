@@ -2,7 +2,7 @@
 # Task Arithmetic and TIES choose lambda on the validation split; Fisher merging and RegMean
 # read the fine-tuned encoders and training examples; multi-task learning trains jointly.
 
-MERGE_CODE = ["merging/__init__.py", "store/task_vectors.py"]
+MERGE_CODE = ["merging/__init__.py", "store/task_vectors.py", "store/streaming.py"]
 
 
 rule merge_weight_averaging:
@@ -24,11 +24,12 @@ rule merge_weight_averaging:
         runtime=30,
     params:
         zoo=zoo_json(),
+        budget=config["merging"]["budget_mib"],
         code=code_version(*MERGE_CODE, "merging/weight_averaging.py"),
     shell:
         "python -m pipeline merge --zoo {params.zoo:q} --method weight_averaging "
         "--pretrained {input.pretrained} --task-vectors {input.store} "
-        "--out {output.model} --threads {threads} > {log} 2>&1"
+        "--budget-mib {params.budget} --out {output.model} --threads {threads} > {log} 2>&1"
 
 
 rule lambda_search:
@@ -69,7 +70,7 @@ rule lambda_search:
         "--pretrained {input.pretrained} --task-vectors {input.store} "
         "--heads {input.heads} --data {input.data} --settings {params.settings:q} "
         "--grid {params.grid:q} --batch-size {params.batch} --search-out {output.search} "
-        "--out {output.model} --threads {threads} > {log} 2>&1"
+        "--budget-mib {params.budget} --out {output.model} --threads {threads} > {log} 2>&1"
 
 
 rule task_negation:
@@ -92,13 +93,15 @@ rule task_negation:
     params:
         zoo=zoo_json(),
         settings=json.dumps({"lam": config["merging"]["task_negation"]["lam"]}),
+        budget=config["merging"]["budget_mib"],
         code=code_version(
             *MERGE_CODE, "merging/task_negation.py", "merging/task_arithmetic.py"
         ),
     shell:
         "python -m pipeline merge --zoo {params.zoo:q} --method task_negation "
         "--pretrained {input.pretrained} --task-vectors {input.store} "
-        "--settings {params.settings:q} --out {output.model} --threads {threads} > {log} 2>&1"
+        "--settings {params.settings:q} --budget-mib {params.budget} --out {output.model} "
+        "--threads {threads} > {log} 2>&1"
 
 
 rule merge_with_data:
@@ -133,7 +136,7 @@ rule merge_with_data:
         "python -m pipeline merge-with-data --zoo {params.zoo:q} --method {wildcards.method} "
         "--pretrained {input.pretrained} --finetuned {input.finetuned} --tasks {params.tasks} "
         "--heads {input.heads} --data {input.data} --settings {params.settings:q} "
-        "--out {output.model} --threads {threads} > {log} 2>&1"
+        "--budget-mib {params.budget} --out {output.model} --threads {threads} > {log} 2>&1"
 
 
 if SOURCE == "synthetic":
@@ -165,4 +168,4 @@ if SOURCE == "synthetic":
         shell:
             "python -m pipeline multitask --zoo {params.zoo:q} --pretrained {input.pretrained} "
             "--tasks {params.tasks} --heads {input.heads} --data {input.data} "
-            "--out {output.model} --threads {threads} > {log} 2>&1"
+            "--budget-mib {params.budget} --out {output.model} --threads {threads} > {log} 2>&1"

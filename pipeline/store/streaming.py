@@ -1,0 +1,387 @@
+"""Out-of-core merging over the task-vector store (DESIGN sections 5, 6, 8).
+
+A merge is a *reducer* applied to (K, n) blocks of the K task vectors, chunk by chunk: a
+linear combination (weight averaging, Task Arithmetic, task negation, learned layer-wise
+coefficients) needs one pass over the store; exact TIES needs statistics first:
+
+1. a sample pass over evenly spaced chunks (about ``sample`` entries per task) estimates
+   each task's top-k threshold and brackets it with a band of magnitudes;
+2. a counting pass counts the entries above the band and collects those inside it, which
+   gives the exact threshold (the band holds it) or, when the sample misjudged it, two exact
+   histogram passes for that task follow (16-bit digit of the |x| bit pattern, then the
+   matching entries);
+3. the apply pass trims, elects and merges (``kernels.ties_apply``: Triton on CUDA) with the
+   majority sign assumed positive, while it counts the elected signs and keeps the few
+   entries whose elected sign is exactly zero although some task kept them; if the majority
+   turns out not positive those entries are patched at the end.
+
+So exact TIES reads the store about twice. Reads run in a thread pool ahead of the compute,
+holding at most half a memory budget's worth of blocks; the merged model is written tensor by
+tensor into a safetensors file (:class:`SafetensorsWriter`). Memory: the budget, one
+pretrained tensor, and for TIES the sample (4 MiB per task) and the band's candidates (about
+0.8% of the store's entries).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import json
+import math
+import os
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from kernels import TiesStats, ties_apply
+from kernels.ties_merge import n_keep, ties_trimmed_sum
+from pipeline.store.task_vectors import TaskVectorStore
+
+DEFAULT_BUDGET_MIB = 1024
+Block = tuple[str, slice, torch.Tensor]
+_BITS = 0x7FFFFFFF  # magnitude bits of an fp32 pattern
+_LOW = 15  # the histogram fallback's second digit: 16 high bits, then 15 low bits
+
+
+@functools.cache
+def _return_large_frees_to_the_os() -> None:
+    """Fix glibc's mmap threshold at 256 KiB: blocks allocated by the reader threads and freed
+    by the main thread then go back to the OS instead of piling up in per-thread arenas
+    (glibc otherwise raises the threshold after the first frees, and RSS grows with the data)."""
+    libc = ctypes.util.find_library("c")
+    if libc and "glibc" in os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else False:
+        ctypes.CDLL(libc).mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+
+
+@dataclass
+class Reader:
+    """Prefetching block reader: ``workers`` threads read ahead as many (K, n) blocks as
+    fit in half of ``budget_mib`` (the other half is for the compute)."""
+
+    store: TaskVectorStore
+    budget_mib: float = DEFAULT_BUDGET_MIB
+    workers: int = 2
+    device: torch.device | str = "cpu"
+    bytes_read: int = 0
+    passes: int = 0
+
+    def __post_init__(self):
+        block = max(span.stop - span.start for _, span in self.store.spans()) * len(self.store.tasks) * 4
+        self.depth = int(self.budget_mib * 2**20 / 2 // block)
+        if self.depth < 1:
+            raise ValueError(f"a block of {len(self.store.tasks)} task-vector chunks takes {block / 2**20:.0f} MiB, "
+                             f"more than half the memory budget of {self.budget_mib} MiB: raise the budget "
+                             f"or write the store with a smaller chunk_mib")
+        self.depth = min(self.depth, 16)
+        _return_large_frees_to_the_os()
+        self._pool = ThreadPoolExecutor(self.workers)
+
+    def blocks(self, spans: Sequence[tuple[str, slice]] | None = None, desc: str | None = None) -> Iterator[Block]:
+        """Yield ``(key, span, (K, n) fp32 block on the device)`` in order, read ahead."""
+        spans = list(self.store.spans()) if spans is None else list(spans)
+        self.passes += 1
+        pending: deque = deque()
+        it = iter(spans)
+        bar = tqdm(total=len(spans), desc=desc, disable=desc is None, mininterval=2, unit="chunk")
+        for key, span in it:
+            pending.append((key, span, self._pool.submit(self.store.read_block, key, span)))
+            if len(pending) >= self.depth:
+                break
+        while pending:
+            key, span, future = pending.popleft()
+            block = future.result()
+            for nxt in it:
+                pending.append((*nxt, self._pool.submit(self.store.read_block, *nxt)))
+                break
+            self.bytes_read += block.numel() * 4
+            bar.update()
+            yield key, span, block.to(self.device, non_blocking=True)
+        bar.close()
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
+class Linear:
+    """sum_k c_k tau_k with one coefficient per task, or per task and tensor (a mapping from
+    key to (K,) coefficients: learned layer-wise lambdas)."""
+
+    def __init__(self, coefficients: Sequence[float] | torch.Tensor | Mapping[str, torch.Tensor]):
+        self.coefficients = coefficients if isinstance(coefficients, Mapping) else torch.as_tensor(
+            coefficients, dtype=torch.float32)
+
+    def prepare(self, reader: Reader) -> None:
+        missing = [k for k in reader.store.keys if isinstance(self.coefficients, Mapping) and k not in self.coefficients]
+        if missing:
+            raise KeyError(f"layer-wise coefficients lack {len(missing)} tensors of the store, e.g. {missing[:3]}")
+
+    def __call__(self, key: str, span: slice, block: torch.Tensor) -> torch.Tensor:
+        c = self.coefficients[key] if isinstance(self.coefficients, Mapping) else self.coefficients
+        c = c.to(block.device, torch.float32)
+        if c.shape != (block.shape[0],):
+            raise ValueError(f"{tuple(c.shape)} coefficients for {block.shape[0]} task vectors")
+        return c @ block
+
+    def patches(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        return []
+
+
+@dataclass
+class Ties:
+    """lam * TIES(tau) with top-``k``% trimming and dis-``merge`` (see module doc)."""
+
+    k: float = 20.0
+    merge: str = "mean"
+    lam: float = 1.0
+    sample: int = 1 << 20  # entries per task read by the sample pass (0: no sample)
+    band: float = 0.004  # half-width, in quantile, of the band collected around the estimate
+    thresholds: torch.Tensor | None = None
+    _elected: int = 0
+    _ambiguous: list = field(default_factory=list)
+
+    def prepare(self, reader: Reader) -> None:
+        self.thresholds = exact_thresholds(reader, self.k, self.sample, self.band)
+
+    def __call__(self, key: str, span: slice, block: torch.Tensor) -> torch.Tensor:
+        thr = self.thresholds.to(block.device)
+        positive = TiesStats(thr, torch.ones((), dtype=torch.int32, device=block.device))
+        out = ties_apply(block, positive, self.merge)
+        elected = ties_trimmed_sum(block, thr)
+        self._elected += int(elected.sign().sum())
+        kept = ((block.abs() >= thr[:, None]) & (block != 0)).any(0)
+        where = torch.nonzero((elected == 0) & kept)[:, 0]
+        if len(where):  # exact cancellations: their result depends on the majority sign
+            negative = TiesStats(thr, torch.full((), -1, dtype=torch.int32, device=block.device))
+            values = ties_apply(block[:, where].contiguous(), negative, self.merge)
+            self._ambiguous.append((key, where.cpu() + span.start, self.lam * values.cpu()))
+        return self.lam * out
+
+    def patches(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(key, flat indices, merged values) to overwrite once the majority sign is known."""
+        return self._ambiguous if self._elected <= 0 else []
+
+
+def _bits(block: torch.Tensor) -> torch.Tensor:
+    return block.view(torch.int32) & _BITS
+
+
+def exact_thresholds(reader: Reader, k: float, sample: int = 1 << 20, band: float = 0.004) -> torch.Tensor:
+    """Per-task exact top-``k``% magnitude thresholds (the semantics of ``kernels.ties_merge``)."""
+    n_tasks, d = len(reader.store.tasks), reader.store.numel()
+    keep = n_keep(d, k)
+    if keep == d:
+        return torch.zeros(n_tasks)
+    rank = d - keep  # 1-based rank from below; the threshold is the rank-th smallest |x|
+    top = d - rank + 1  # ... the top-th largest
+    lo = torch.zeros(n_tasks, dtype=torch.int64)
+    hi = torch.full((n_tasks,), -1, dtype=torch.int64)  # empty band: every task falls back
+    spans = list(reader.store.spans())
+    if sample > 0:
+        stride = max(1, math.ceil(d / sample))
+        rows = zip(*(_bits(b).cpu().unbind(0) for _, _, b in reader.blocks(spans[::stride], desc="TIES sample")))
+        for j, parts in enumerate(rows):
+            bits = torch.cat(parts).sort().values
+            q = torch.tensor([max(rank / d - band, 0.0), min(rank / d + band, 1.0)], dtype=torch.float64)
+            lo[j], hi[j] = bits[(q * (len(bits) - 1)).round().long()].tolist()
+            del bits
+    above = torch.zeros(n_tasks, dtype=torch.int64)
+    inside: list[list[torch.Tensor]] = [[] for _ in range(n_tasks)]
+    lo_d, hi_d = lo.to(reader.device), hi.to(reader.device)
+    for _, _, block in reader.blocks(spans, desc="TIES thresholds"):
+        bits = _bits(block)
+        above += (bits > hi_d[:, None]).sum(1).cpu()
+        for j in range(n_tasks):
+            row = bits[j]
+            inside[j].append(row[(row >= lo_d[j]) & (row <= hi_d[j])].cpu())
+    thresholds = torch.empty(n_tasks, dtype=torch.int32)
+    missed = []
+    for j in range(n_tasks):
+        cand = torch.cat(inside[j])
+        if above[j] < top <= above[j] + len(cand):
+            thresholds[j] = cand.kthvalue(len(cand) - (top - int(above[j])) + 1).values
+        else:
+            missed.append(j)
+    del inside
+    if missed:
+        thresholds[missed] = _histogram_thresholds(reader, spans, missed, top)
+    return thresholds.view(torch.float32)
+
+
+def _histogram_thresholds(reader: Reader, spans: list, tasks: list[int], top: int) -> torch.Tensor:
+    """Exact thresholds of ``tasks`` in two passes: a histogram of the 16 high magnitude bits,
+    then the entries in the bucket that holds the top-th largest."""
+    hist = torch.zeros(len(tasks), 1 << 16, dtype=torch.int64)
+    rows = torch.tensor(tasks, device=reader.device)
+    for _, _, block in reader.blocks(spans, desc="TIES histogram"):
+        digit = _bits(block[rows]) >> _LOW
+        offset = torch.arange(len(tasks), device=block.device)[:, None] << 16
+        hist += torch.bincount((digit + offset).reshape(-1), minlength=len(tasks) << 16).view(len(tasks), -1).cpu()
+    from_top = hist.flip(1).cumsum(1)  # entries at or above each bucket, from the highest bucket
+    bucket = (1 << 16) - 1 - (from_top < top).sum(1)
+    above = from_top.gather(1, ((1 << 16) - 2 - bucket).clamp(min=0)[:, None])[:, 0] * (bucket < (1 << 16) - 1)
+    inside: list[list[torch.Tensor]] = [[] for _ in tasks]
+    for _, _, block in reader.blocks(spans, desc="TIES bucket"):
+        for i, j in enumerate(tasks):
+            row = _bits(block[j])
+            inside[i].append(row[(row >> _LOW) == int(bucket[i])].cpu())
+    out = torch.empty(len(tasks), dtype=torch.int32)
+    for i in range(len(tasks)):
+        cand = torch.cat(inside[i])
+        out[i] = cand.kthvalue(len(cand) - (top - int(above[i])) + 1).values
+    return out
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, in the order of ``specs`` (name, dtype,
+    shape), chunks of a tensor in order; a temporary file renamed on ``close``."""
+
+    _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+               torch.uint8: "U8", torch.bool: "BOOL"}
+
+    def __init__(self, path: str | Path, specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+                 metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        header, offset = {}, 0
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        self.offsets: dict[str, tuple[int, int, torch.dtype]] = {}
+        for name, dtype, shape in specs:
+            size = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": self._DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self.offsets[name] = (offset, offset + size, dtype)
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.data_start = 8 + len(raw)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.file = open(self.tmp, "wb")
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, values: torch.Tensor) -> None:
+        """Append the next ``values`` (flat, the tensor's dtype) of tensor ``name``."""
+        start, end, dtype = self.offsets[name]
+        pos = self.file.tell() - self.data_start
+        if not start <= pos < end or values.dtype != dtype:
+            raise ValueError(f"{name}: writes must follow the header order and dtype {dtype}")
+        self.file.write(values.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+    def close(self, patches: Sequence[tuple[str, torch.Tensor, torch.Tensor]] = ()) -> Path:
+        """Overwrite single entries (flat index, value) of written tensors, then publish."""
+        for name, index, values in patches:
+            start, _, dtype = self.offsets[name]
+            data = values.to(dtype).view(torch.uint8).reshape(len(index), -1).numpy()
+            for i, row in zip(index.tolist(), data):
+                self.file.seek(self.data_start + start + i * dtype.itemsize)
+                self.file.write(row.tobytes())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class LazyStateDict(Mapping):
+    """Read-only mapping over a safetensors file (keys under ``prefix``, prefix removed),
+    loading one tensor per access."""
+
+    def __init__(self, path: str | Path, prefix: str = ""):
+        self.path, self.prefix = str(path), prefix
+        with safe_open(self.path, "pt") as f:
+            self._keys = [k[len(prefix):] for k in f.keys() if k.startswith(prefix)]
+        self._file = safe_open(self.path, "pt")
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(self.prefix + key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _check_base(store: TaskVectorStore, pretrained: Mapping[str, torch.Tensor]) -> None:
+    for key in store.keys:
+        if key not in pretrained:
+            raise KeyError(f"the pretrained weights lack tensor {key!r} of the task-vector store {store.root}")
+        if tuple(pretrained[key].shape) != store.shapes[key]:
+            raise ValueError(f"{key}: pretrained shape {tuple(pretrained[key].shape)}, store has {store.shapes[key]}")
+
+
+def run(reader: Reader, reducer, sink: Callable[[str, slice, torch.Tensor], None], desc: str) -> None:
+    """The reducer's statistics passes, then its apply pass into ``sink(key, span, merged)``."""
+    reducer.prepare(reader)
+    for key, span, block in reader.blocks(desc=desc):
+        sink(key, span, reducer(key, span, block))
+
+
+def merge_to_memory(store: TaskVectorStore, reducer, budget_mib: float = DEFAULT_BUDGET_MIB,
+                    device: torch.device | str = "cpu", desc: str | None = None) -> dict[str, torch.Tensor]:
+    """The merged task vector as full-shape fp32 CPU tensors."""
+    out = {k: torch.empty(store.shapes[k], dtype=torch.float32) for k in store.keys}
+    reader = Reader(store, budget_mib, device=device)
+    try:
+        run(reader, reducer, lambda key, span, v: out[key].view(-1)[span].copy_(v), desc)
+    finally:
+        reader.close()
+    for key, index, values in reducer.patches():
+        out[key].view(-1)[index] = values
+    return out
+
+
+def merge_to_file(store: TaskVectorStore, reducer, pretrained: Mapping[str, torch.Tensor], out: str | Path,
+                  budget_mib: float = DEFAULT_BUDGET_MIB, device: torch.device | str = "cpu",
+                  metadata: Mapping[str, str] | None = None, desc: str | None = None) -> dict:
+    """Write pretrained + reducer(task vectors) as safetensors with every key of
+    ``pretrained`` (tensors outside the store copied), one chunk in memory at a time.
+    Returns a summary: seconds, passes, bytes read, patched entries."""
+    _check_base(store, pretrained)
+    start = time.perf_counter()
+    in_store = set(store.keys)
+    specs = [(k, pretrained[k].dtype, tuple(pretrained[k].shape))
+             for k in [k for k in pretrained if k not in in_store] + store.keys]
+    writer = SafetensorsWriter(out, specs, metadata)
+    reader = Reader(store, budget_mib, device=device)
+    pending = iter(specs)
+    current: dict = {}
+
+    def flush_until(key: str | None) -> None:  # copy tensors that are not in the store, in order
+        for name, _, _ in pending:
+            if name == key:
+                return
+            writer.write(name, pretrained[name].reshape(-1))
+
+    def sink(key: str, span: slice, merged: torch.Tensor) -> None:
+        if current.get("key") != key:
+            flush_until(key)
+            current.update(key=key, base=pretrained[key].reshape(-1))
+        base = current["base"][span]
+        writer.write(key, (base.float() + merged.to(base.device)).to(base.dtype))
+
+    try:
+        run(reader, reducer, sink, desc)
+        flush_until(None)
+        patches = [(k, i, (pretrained[k].reshape(-1)[i].float() + v)) for k, i, v in reducer.patches()]
+        writer.close(patches)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        reader.close()
+    return {"seconds": time.perf_counter() - start, "passes": reader.passes, "bytes_read": reader.bytes_read,
+            "patched": sum(len(i) for _, i, _ in patches)}

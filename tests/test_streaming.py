@@ -1,0 +1,199 @@
+"""Out-of-core merging: streamed results equal in-memory ones, the memory budget holds,
+storage formats round-trip."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from kernels import ties_merge, ties_thresholds
+from pipeline.merging import apply_vector, task_arithmetic, task_negation, ties_merging, weight_averaging
+from pipeline.store.streaming import (Linear, Reader, Ties, exact_thresholds, merge_to_file,
+                                      merge_to_memory)
+from pipeline.store.task_vectors import Storage, TaskVectorStore, write_diffs
+from workflow_helpers import REPO
+
+TASKS = ["a", "b", "c", "d", "e"]
+SHAPES = {"conv.weight": (6, 3, 3, 3), "ln.bias": (7,), "attn.in_proj_weight": (45, 15), "proj": (15, 11),
+          "half.weight": (5, 13)}
+
+
+def pretrained_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    sd["half.weight"] = sd["half.weight"].half()
+    sd["ids"] = torch.arange(4)
+    return sd
+
+
+def make_store(path, values: torch.Tensor, chunk_elems: int = 37, storage: Storage = Storage()) -> TaskVectorStore:
+    """A store whose task j holds ``values[j]`` split into the tensors of SHAPES."""
+    sizes = [torch.Size(s).numel() for s in SHAPES.values()]
+    for j, task in enumerate(TASKS[: len(values)]):
+        parts = values[j].split(sizes)
+        diffs = ((k, p.reshape(s), torch.float16 if k == "half.weight" else torch.float32)
+                 for (k, s), p in zip(SHAPES.items(), parts))
+        write_diffs(path, task, diffs, "base", f"src-{task}", chunk_elems * storage.itemsize / 2**20, storage)
+    return TaskVectorStore(path, TASKS[: len(values)])
+
+
+def flat(vector: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([vector[k].reshape(-1) for k in SHAPES])
+
+
+def n_total() -> int:
+    return sum(torch.Size(s).numel() for s in SHAPES.values())
+
+
+def task_vectors(kind: str = "randn", k: int = 5, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "levels":  # ties at thresholds, zeros and exact sign cancellations
+        return torch.randint(-3, 4, (k, n_total()), generator=g) * 0.5
+    return torch.randn(k, n_total(), generator=g)
+
+
+@pytest.mark.parametrize("chunk", [1, 37, 1000])
+def test_linear_methods_stream_like_dense(tmp_path, chunk):
+    tvs = task_vectors()
+    store = make_store(tmp_path / "tv.zarr", tvs, chunk)
+    pre = pretrained_state()
+    dense = {"wa": tvs.mean(0), "ta": 0.3 * tvs.sum(0), "neg": -1.0 * tvs.sum(0)}
+    got = {"wa": weight_averaging.merge(pre, store), "ta": task_arithmetic.merge(pre, store, 0.3),
+           "neg": task_negation.merge(pre, store, -1.0)}
+    for name, merged in got.items():
+        expected = apply_vector(pre, {k: v.view(s) for (k, s), v in
+                                      zip(SHAPES.items(), dense[name].split([torch.Size(s).numel() for s in SHAPES.values()]))}, 1.0)
+        for key in pre:
+            torch.testing.assert_close(merged[key], expected[key], rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
+    coeffs = {key: torch.rand(len(TASKS), generator=torch.Generator().manual_seed(i)) for i, key in enumerate(SHAPES)}
+    layer_wise = flat(merge_to_memory(store, Linear(coeffs), budget_mib=1))
+    expected = torch.cat([coeffs[k] @ part for k, part in
+                          zip(SHAPES, tvs.split([torch.Size(s).numel() for s in SHAPES.values()], dim=1))])
+    torch.testing.assert_close(layer_wise, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["randn", "levels"])
+@pytest.mark.parametrize("k", [0, 10, 20, 100])
+@pytest.mark.parametrize("merge", ["mean", "sum"])
+def test_ties_streams_bit_identical_to_in_memory(tmp_path, kind, k, merge):
+    tvs = task_vectors(kind)
+    store = make_store(tmp_path / "tv.zarr", tvs, chunk_elems=41)
+    got = flat(ties_merging.vector(store, k, merge, device=torch.device("cpu")))
+    assert torch.equal(got, ties_merge(tvs, k, merge, backend="torch"))
+
+
+@pytest.mark.parametrize("sample, band", [(10**9, 0.004), (300, 0.0), (0, 0.004)])
+def test_thresholds_exact_with_sample_miss_and_fallback(tmp_path, sample, band):
+    tvs = task_vectors("levels") * torch.linspace(0.5, 2, n_total())  # many ties, uneven scale
+    store = make_store(tmp_path / "tv.zarr", tvs, chunk_elems=29)
+    reader = Reader(store, budget_mib=1)
+    for k in (5, 20, 60):
+        got = exact_thresholds(reader, k, sample, band)
+        assert torch.equal(got, ties_thresholds(tvs, k, backend="torch")), (k, sample, band)
+
+
+def test_majority_sign_patched_after_the_apply_pass(tmp_path):
+    # mostly negative elected signs, plus entries where kept values cancel exactly
+    tvs = -torch.rand(4, n_total(), generator=torch.Generator().manual_seed(3)) - 0.5
+    tvs[0, ::5], tvs[1, ::5], tvs[2, ::5], tvs[3, ::5] = 4.0, -4.0, 0.0, 0.0
+    store = make_store(tmp_path / "tv.zarr", tvs, chunk_elems=31)
+    reducer = Ties(k=60, merge="sum")
+    got = flat(merge_to_memory(store, reducer, budget_mib=1))
+    assert reducer.patches(), "the test needs exact cancellations under a negative majority"
+    assert torch.equal(got, ties_merge(tvs, 60, "sum", backend="torch"))
+
+
+def test_merge_to_file_writes_every_tensor(tmp_path):
+    pre = pretrained_state()
+    save_file(pre, tmp_path / "pre.safetensors")
+    store = make_store(tmp_path / "tv.zarr", task_vectors(), chunk_elems=23)
+    out = tmp_path / "merged.safetensors"
+    summary = merge_to_file(store, Ties(20, "mean", 0.4, sample=10**9), pre, out, budget_mib=1,
+                            metadata={"method": "ties"})
+    expected = ties_merging.merge(pre, store, 20, "mean", 0.4)
+    written = load_file(out)
+    assert sorted(written) == sorted(pre) and all(torch.equal(written[k], expected[k]) for k in pre)
+    assert summary["passes"] == 3 and written["half.weight"].dtype == torch.float16
+    assert not list(tmp_path.glob(".merged*"))  # the temporary file was renamed
+
+
+def test_failed_merge_leaves_no_output(tmp_path):
+    pre = pretrained_state()
+    store = make_store(tmp_path / "tv.zarr", task_vectors(), chunk_elems=23)
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(KeyError, match="layer-wise coefficients lack"):
+        merge_to_file(store, Linear({"proj": torch.ones(5)}), pre, out)
+    assert not out.exists() and not list(tmp_path.glob(".merged*"))
+    del pre["proj"]
+    with pytest.raises(KeyError, match="pretrained weights lack tensor 'proj'"):
+        merge_to_file(store, Linear([1.0] * 5), pre, out)
+
+
+def test_budget_too_small_names_the_fix(tmp_path):
+    for task in TASKS:
+        write_diffs(tmp_path / "tv.zarr", task, [("w", torch.ones(100_000), torch.float32)], "base", "src", 0.25)
+    store = TaskVectorStore(tmp_path / "tv.zarr", TASKS)  # blocks of 5 x 0.25 MiB
+    assert Reader(store, budget_mib=4).depth == 1
+    with pytest.raises(ValueError, match="raise the budget or write the store with a smaller chunk_mib"):
+        Reader(store, budget_mib=2)
+
+
+@pytest.mark.parametrize("storage", [Storage("float32", "zstd", 3), Storage("float32", "blosc", 5),
+                                     Storage("float16"), Storage("bfloat16", "zstd")], ids=str)
+def test_storage_formats_round_trip(tmp_path, storage):
+    tvs = task_vectors()
+    store = make_store(tmp_path / "tv.zarr", tvs, chunk_elems=50, storage=storage)
+    got = torch.stack([torch.cat([b[j] for _, _, b in store.chunks()]) for j in range(len(TASKS))])
+    expected = tvs if storage.dtype == "float32" else tvs.to(getattr(torch, storage.dtype)).float()
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="storage codec 'lz5' unknown"):
+        Storage(codec="lz5")
+
+
+PROBE = r"""
+import json, os, sys, threading, time, torch
+from pipeline.store.task_vectors import TaskVectorStore
+from pipeline.store.streaming import merge_to_file, Ties
+root, out, mode = sys.argv[1:4]
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+warm = TaskVectorStore(root, ["warm"])  # loads the codecs, thread pools and kernels first
+merge_to_file(warm, Ties(20, "mean", 0.3), {"w": torch.zeros(warm.shapes["w"])}, out, budget_mib=8)
+store = TaskVectorStore(root, [f"t{j}" for j in range(8)])
+pre = {"w": torch.zeros(store.shapes["w"])}
+start, peak, done = rss(), [0.0], threading.Event()
+def sample():  # RSS every millisecond while the merge runs
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.001)
+probe = threading.Thread(target=sample)
+probe.start()
+if mode == "dense":  # the in-memory way: all task vectors as one K x N matrix
+    dense = torch.cat([b for _, _, b in store.chunks()], dim=1)
+else:
+    merge_to_file(store, Ties(20, "mean", 0.3), pre, out, budget_mib=8)
+done.set()
+probe.join()
+print(json.dumps({"peak_mib": max(peak[0], rss()) - start}))
+"""
+
+
+def test_memory_budget_respected(tmp_path):
+    """Peak RSS growth (sampled, in a fresh process) of streaming TIES with an 8 MiB budget on 8 task
+    vectors of 1M and of 4M entries (32 and 128 MiB): far below the dense K x N matrix, and
+    nearly the same for both sizes."""
+    peaks = {}
+    for n in (2**20, 2**22):
+        root = tmp_path / f"tv{n}.zarr"
+        for j in range(8):
+            g = torch.Generator().manual_seed(j)
+            write_diffs(root, f"t{j}", [("w", torch.randn(n, generator=g), torch.float32)], "base", "src", 0.25)
+        write_diffs(root, "warm", [("w", torch.randn(70_000), torch.float32)], "base", "src", 0.25)
+        for mode in ("dense", "stream"):
+            run = subprocess.run([sys.executable, "-c", PROBE, str(root), str(tmp_path / "m.safetensors"), mode],
+                                 capture_output=True, text=True, cwd=REPO, check=True)
+            peaks[mode, n] = json.loads(run.stdout.strip().splitlines()[-1])["peak_mib"]
+    assert peaks["dense", 2**22] >= 128, peaks  # the probe sees the dense matrix
+    assert peaks["stream", 2**22] < 0.4 * peaks["dense", 2**22], peaks
+    assert peaks["stream", 2**22] - peaks["stream", 2**20] < 16, peaks  # independent of the size

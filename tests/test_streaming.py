@@ -84,7 +84,16 @@ def test_ties_streams_bit_identical_to_in_memory(tmp_path, kind, k, merge):
     assert torch.equal(got, ties_merge(tvs, k, merge, backend="torch"))
 
 
-@pytest.mark.parametrize("sample, band", [(10**9, 0.004), (300, 0.0), (0, 0.004)])
+def test_compiled_cpu_path_is_bit_identical(tmp_path):
+    tvs = task_vectors("levels")
+    tvs[:, ::7] *= -1.0
+    store = make_store(tmp_path / "tv.zarr", tvs, chunk_elems=41)
+    for merge in ("mean", "sum"):
+        got = flat(merge_to_memory(store, Ties(20, merge), budget_mib=1, compile=True))
+        assert torch.equal(got, ties_merge(tvs, 20, merge, backend="torch")), merge
+
+
+@pytest.mark.parametrize("sample, band", [(10**9, 0.004), (10**9, 1.0), (30, 0.0), (0, 0.004)])
 def test_thresholds_exact_with_sample_miss_and_fallback(tmp_path, sample, band):
     tvs = task_vectors("levels") * torch.linspace(0.5, 2, n_total())  # many ties, uneven scale
     store = make_store(tmp_path / "tv.zarr", tvs, chunk_elems=29)
@@ -110,7 +119,7 @@ def test_merge_to_file_writes_every_tensor(tmp_path):
     save_file(pre, tmp_path / "pre.safetensors")
     store = make_store(tmp_path / "tv.zarr", task_vectors(), chunk_elems=23)
     out = tmp_path / "merged.safetensors"
-    summary = merge_to_file(store, Ties(20, "mean", 0.4, sample=10**9), pre, out, budget_mib=1,
+    summary = merge_to_file(store, Ties(20, "mean", 0.4, band=1.0), pre, out, budget_mib=1,
                             metadata={"method": "ties"})
     expected = ties_merging.merge(pre, store, 20, "mean", 0.4)
     written = load_file(out)

@@ -4,8 +4,8 @@ A merge is a *reducer* applied to (K, n) blocks of the K task vectors, chunk by 
 linear combination (weight averaging, Task Arithmetic, task negation, learned layer-wise
 coefficients) needs one pass over the store; exact TIES needs statistics first:
 
-1. a sample pass over evenly spaced chunks (about ``sample`` entries per task) estimates
-   each task's top-k threshold and brackets it with a band of magnitudes;
+1. a sample pass over 16 chunks spread evenly over the entries (about ``sample`` entries per
+   task kept) estimates each task's top-k threshold and brackets it with a band;
 2. a counting pass counts the entries above the band and collects those inside it, which
    gives the exact threshold (the band holds it) or, when the sample misjudged it, two exact
    histogram passes for that task follow (16-bit digit of the |x| bit pattern, then the
@@ -15,7 +15,8 @@ coefficients) needs one pass over the store; exact TIES needs statistics first:
    entries whose elected sign is exactly zero although some task kept them; if the majority
    turns out not positive those entries are patched at the end.
 
-So exact TIES reads the store about twice. Reads run in a thread pool ahead of the compute,
+So exact TIES reads the store about twice. On CPU, large merges run the per-block work
+through ``torch.compile`` (one fused loop instead of a dozen eager passes; bit-identical). Reads run in a thread pool ahead of the compute,
 holding at most half a memory budget's worth of blocks; the merged model is written tensor by
 tensor into a safetensors file (:class:`SafetensorsWriter`). Memory: the budget, one
 pretrained tensor, and for TIES the sample (4 MiB per task) and the band's candidates (about
@@ -28,6 +29,7 @@ import ctypes
 import ctypes.util
 import functools
 import json
+import logging
 import math
 import os
 import struct
@@ -47,7 +49,10 @@ from kernels.ties_merge import n_keep, ties_trimmed_sum
 from pipeline.store.task_vectors import TaskVectorStore
 
 DEFAULT_BUDGET_MIB = 1024
+SAMPLE_CHUNKS = 16
+COMPILE_MIN_ENTRIES = 1 << 26  # K x N from which CPU merges compile their per-block work
 Block = tuple[str, slice, torch.Tensor]
+log = logging.getLogger(__name__)
 _BITS = 0x7FFFFFFF  # magnitude bits of an fp32 pattern
 _LOW = 15  # the histogram fallback's second digit: 16 high bits, then 15 low bits
 
@@ -71,6 +76,7 @@ class Reader:
     budget_mib: float = DEFAULT_BUDGET_MIB
     workers: int = 2
     device: torch.device | str = "cpu"
+    compile: bool | None = None  # compile the CPU per-block work (None: for large stores)
     bytes_read: int = 0
     passes: int = 0
 
@@ -107,8 +113,35 @@ class Reader:
             yield key, span, block.to(self.device, non_blocking=True)
         bar.close()
 
+    def op(self, fn: Callable) -> Callable:
+        """``fn`` for this reader's blocks: compiled (``torch.compile``) on CPU when the store
+        holds at least COMPILE_MIN_ENTRIES entries or ``compile`` is set, else as it is."""
+        big = len(self.store.tasks) * self.store.numel() >= COMPILE_MIN_ENTRIES
+        if torch.device(self.device).type != "cpu" or not (self.compile if self.compile is not None else big):
+            return fn
+        return _compiled(fn)
+
     def close(self) -> None:
         self._pool.shutdown()
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)``, falling back to ``fn`` (with a warning) where compiling fails,
+    e.g. without a C++ compiler."""
+    compiled = torch.compile(fn, dynamic=True)
+    state = {"fn": compiled}
+
+    def call(*args):
+        try:
+            return state["fn"](*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: run eagerly
+            if state["fn"] is fn:
+                raise
+            log.warning("torch.compile failed (%s); merging eagerly, several times slower", str(err)[:200])
+            state["fn"] = fn
+            return fn(*args)
+    return call
 
 
 class Linear:
@@ -150,15 +183,13 @@ class Ties:
 
     def prepare(self, reader: Reader) -> None:
         self.thresholds = exact_thresholds(reader, self.k, self.sample, self.band)
+        self._apply = reader.op(_ties_block)
 
     def __call__(self, key: str, span: slice, block: torch.Tensor) -> torch.Tensor:
         thr = self.thresholds.to(block.device)
-        positive = TiesStats(thr, torch.ones((), dtype=torch.int32, device=block.device))
-        out = ties_apply(block, positive, self.merge)
-        elected = ties_trimmed_sum(block, thr)
-        self._elected += int(elected.sign().sum())
-        kept = ((block.abs() >= thr[:, None]) & (block != 0)).any(0)
-        where = torch.nonzero((elected == 0) & kept)[:, 0]
+        out, elected, ambiguous = self._apply(block, thr, self.merge == "mean")
+        self._elected += int(elected)
+        where = torch.nonzero(ambiguous)[:, 0]
         if len(where):  # exact cancellations: their result depends on the majority sign
             negative = TiesStats(thr, torch.full((), -1, dtype=torch.int32, device=block.device))
             values = ties_apply(block[:, where].contiguous(), negative, self.merge)
@@ -170,8 +201,31 @@ class Ties:
         return self._ambiguous if self._elected <= 0 else []
 
 
+def _ties_block(block: torch.Tensor, thr: torch.Tensor, mean: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TIES of one block with the majority sign taken positive, the sum of its elected signs,
+    and the entries whose elected sign is zero although a task kept them."""
+    positive = TiesStats(thr, torch.ones((), dtype=torch.int32, device=block.device))
+    out = ties_apply(block, positive, "mean" if mean else "sum")
+    elected = ties_trimmed_sum(block, thr)
+    kept = ((block.abs() >= thr[:, None]) & (block != 0)).any(0)
+    return out, elected.sign().sum(), (elected == 0) & kept
+
+
 def _bits(block: torch.Tensor) -> torch.Tensor:
     return block.view(torch.int32) & _BITS
+
+
+def _count_band(block: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per task the entries whose magnitude bits are above ``hi``, and the mask of those in [lo, hi]."""
+    bits = _bits(block)
+    return (bits > hi[:, None]).sum(1), (bits >= lo[:, None]) & (bits <= hi[:, None])
+
+
+def _spread(spans: list[tuple[str, slice]], n: int) -> list[tuple[str, slice]]:
+    """The chunks holding ``n`` entry positions spread evenly over all entries."""
+    ends = torch.tensor([s.stop - s.start for _, s in spans]).cumsum(0)
+    where = torch.arange(n, dtype=torch.float64).add(0.5).mul(int(ends[-1]) / n).long()
+    return [spans[i] for i in sorted(set(torch.searchsorted(ends, where, right=True).tolist()))]
 
 
 def exact_thresholds(reader: Reader, k: float, sample: int = 1 << 20, band: float = 0.004) -> torch.Tensor:
@@ -186,8 +240,9 @@ def exact_thresholds(reader: Reader, k: float, sample: int = 1 << 20, band: floa
     hi = torch.full((n_tasks,), -1, dtype=torch.int64)  # empty band: every task falls back
     spans = list(reader.store.spans())
     if sample > 0:
-        stride = max(1, math.ceil(d / sample))
-        rows = zip(*(_bits(b).cpu().unbind(0) for _, _, b in reader.blocks(spans[::stride], desc="TIES sample")))
+        picked = _spread(spans, SAMPLE_CHUNKS)
+        stride = max(1, math.ceil(sum(s.stop - s.start for _, s in picked) / sample))
+        rows = zip(*(_bits(b[:, ::stride]).cpu().unbind(0) for _, _, b in reader.blocks(picked, desc="TIES sample")))
         for j, parts in enumerate(rows):
             bits = torch.cat(parts).sort().values
             q = torch.tensor([max(rank / d - band, 0.0), min(rank / d + band, 1.0)], dtype=torch.float64)
@@ -195,13 +250,15 @@ def exact_thresholds(reader: Reader, k: float, sample: int = 1 << 20, band: floa
             del bits
     above = torch.zeros(n_tasks, dtype=torch.int64)
     inside: list[list[torch.Tensor]] = [[] for _ in range(n_tasks)]
-    lo_d, hi_d = lo.to(reader.device), hi.to(reader.device)
+    lo_d, hi_d = lo.to(reader.device, torch.int32), hi.to(reader.device, torch.int32)
+    count = reader.op(_count_band)
     for _, _, block in reader.blocks(spans, desc="TIES thresholds"):
-        bits = _bits(block)
-        above += (bits > hi_d[:, None]).sum(1).cpu()
-        for j in range(n_tasks):
-            row = bits[j]
-            inside[j].append(row[(row >= lo_d[j]) & (row <= hi_d[j])].cpu())
+        n_above, band_mask = count(block, lo_d, hi_d)
+        above += n_above.cpu()
+        rows, cols = torch.nonzero(band_mask, as_tuple=True)
+        values = _bits(block)[rows, cols].cpu()
+        for j, part in enumerate(values.split(torch.bincount(rows, minlength=n_tasks).tolist())):
+            inside[j].append(part)
     thresholds = torch.empty(n_tasks, dtype=torch.int32)
     missed = []
     for j in range(n_tasks):
@@ -331,10 +388,11 @@ def run(reader: Reader, reducer, sink: Callable[[str, slice, torch.Tensor], None
 
 
 def merge_to_memory(store: TaskVectorStore, reducer, budget_mib: float = DEFAULT_BUDGET_MIB,
-                    device: torch.device | str = "cpu", desc: str | None = None) -> dict[str, torch.Tensor]:
+                    device: torch.device | str = "cpu", desc: str | None = None,
+                    compile: bool | None = None) -> dict[str, torch.Tensor]:
     """The merged task vector as full-shape fp32 CPU tensors."""
     out = {k: torch.empty(store.shapes[k], dtype=torch.float32) for k in store.keys}
-    reader = Reader(store, budget_mib, device=device)
+    reader = Reader(store, budget_mib, device=device, compile=compile)
     try:
         run(reader, reducer, lambda key, span, v: out[key].view(-1)[span].copy_(v), desc)
     finally:
@@ -346,7 +404,8 @@ def merge_to_memory(store: TaskVectorStore, reducer, budget_mib: float = DEFAULT
 
 def merge_to_file(store: TaskVectorStore, reducer, pretrained: Mapping[str, torch.Tensor], out: str | Path,
                   budget_mib: float = DEFAULT_BUDGET_MIB, device: torch.device | str = "cpu",
-                  metadata: Mapping[str, str] | None = None, desc: str | None = None) -> dict:
+                  metadata: Mapping[str, str] | None = None, desc: str | None = None,
+                  compile: bool | None = None) -> dict:
     """Write pretrained + reducer(task vectors) as safetensors with every key of
     ``pretrained`` (tensors outside the store copied), one chunk in memory at a time.
     Returns a summary: seconds, passes, bytes read, patched entries."""
@@ -356,7 +415,7 @@ def merge_to_file(store: TaskVectorStore, reducer, pretrained: Mapping[str, torc
     specs = [(k, pretrained[k].dtype, tuple(pretrained[k].shape))
              for k in [k for k in pretrained if k not in in_store] + store.keys]
     writer = SafetensorsWriter(out, specs, metadata)
-    reader = Reader(store, budget_mib, device=device)
+    reader = Reader(store, budget_mib, device=device, compile=compile)
     pending = iter(specs)
     current: dict = {}
 

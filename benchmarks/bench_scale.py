@@ -61,8 +61,9 @@ def drop_caches() -> bool:
 
 def synthesise(root: Path, pretrained: dict[str, torch.Tensor], tasks: int, storage: Storage,
                chunk_mib: float) -> TaskVectorStore:
-    """K task vectors of N(0, 1e-3^2) entries (seeded per task), written tensor by tensor;
-    complete subgroups of an earlier run are reused."""
+    """K task vectors (fine-tuned = pretrained + N(0, 1e-3^2) noise, seeded per task, minus
+    pretrained, in fp32 as from real checkpoints), written tensor by tensor; complete
+    subgroups of an earlier run are reused."""
     names = [f"task{j:02d}" for j in range(tasks)]
     for j, name in enumerate(names):
         try:
@@ -71,8 +72,8 @@ def synthesise(root: Path, pretrained: dict[str, torch.Tensor], tasks: int, stor
         except (FileNotFoundError, KeyError):
             pass
         gen = torch.Generator().manual_seed(1000 + j)
-        diffs = ((key, torch.randn(value.shape, generator=gen).mul_(1e-3), value.dtype)
-                 for key, value in pretrained.items() if value.is_floating_point())
+        diffs = ((key, (value + torch.randn(value.shape, generator=gen).mul_(1e-3)) - value, value.dtype)
+                 for key, value in pretrained.items() if value.is_floating_point())  # fine-tuned minus pretrained
         write_diffs(root, name, diffs, "random-init", f"synthetic-{j}", chunk_mib, storage)
     return TaskVectorStore(root, names)
 

@@ -256,7 +256,7 @@ def exact_thresholds(reader: Reader, k: float, sample: int = 1 << 20, band: floa
         n_above, band_mask = count(block, lo_d, hi_d)
         above += n_above.cpu()
         rows, cols = torch.nonzero(band_mask, as_tuple=True)
-        values = _bits(block)[rows, cols].cpu()
+        values = _bits(block[rows, cols]).cpu()
         for j, part in enumerate(values.split(torch.bincount(rows, minlength=n_tasks).tolist())):
             inside[j].append(part)
     thresholds = torch.empty(n_tasks, dtype=torch.int32)

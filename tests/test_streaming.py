@@ -142,7 +142,7 @@ def test_failed_merge_leaves_no_output(tmp_path):
 
 def test_budget_too_small_names_the_fix(tmp_path):
     for task in TASKS:
-        write_diffs(tmp_path / "tv.zarr", task, [("w", torch.ones(100_000), torch.float32)], "base", "src", 0.25)
+        write_diffs(tmp_path / "tv.zarr", task, [("w", torch.ones(2 * 65536), torch.float32)], "base", "src", 0.25)
     store = TaskVectorStore(tmp_path / "tv.zarr", TASKS)  # blocks of 5 x 0.25 MiB
     assert Reader(store, budget_mib=4).depth == 1
     with pytest.raises(ValueError, match="raise the budget or write the store with a smaller chunk_mib"):

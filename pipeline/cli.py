@@ -83,6 +83,23 @@ def cmd_finetune(a) -> None:
     save_state_dict(sd, a.out)
 
 
+def cmd_lora_finetune(a) -> None:
+    from pipeline.data.tasks import as_tensors, load_split
+    from pipeline.models.checkpoints import save_state_dict
+    from pipeline.zoo.lora import add_adapters, factors
+    from pipeline.zoo.store import load_clip, load_head
+    from pipeline.zoo.synthetic_zoo import train_encoder
+
+    encoder = load_clip(a.zoo, a.pretrained).visual
+    x, y = as_tensors(load_split(a.zoo, a.task, "train", a.data))
+    seed = a.zoo["seed"] * 100_003 + zlib.crc32(f"lora {a.task}".encode()) % 100_000
+    settings = _json(a.settings)
+    adapters = add_adapters(encoder, settings.get("rank", 4), settings.get("alpha", 8.0), seed)
+    cfg = a.zoo["synthetic"]["finetune"] | {k: v for k, v in settings.items() if k not in ("rank", "alpha")}
+    train_encoder(encoder, [(load_head(a.head), x, y)], cfg, seed, desc=f"LoRA {a.task}")
+    save_state_dict(factors(adapters), a.out)
+
+
 def cmd_import_finetuned(a) -> None:
     from pipeline.models.checkpoints import check_compatible, load_state_dict, save_state_dict
     from pipeline.zoo.store import load_clip
@@ -253,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     verb("import-pretrained", cmd_import_pretrained, out)
     verb("head", cmd_head, task, pretrained, out)
     verb("finetune", cmd_finetune, task, pretrained, (["--head"], {"required": True}), (["--data"], {"required": True}), out)
+    verb("lora-finetune", cmd_lora_finetune, task, pretrained, (["--head"], {"required": True}),
+         (["--data"], {"required": True}),
+         (["--settings"], {"default": "{}", "help": "rank, alpha and fine-tuning overrides (steps, lr, ...) as JSON"}), out)
     verb("import-finetuned", cmd_import_finetuned, task, pretrained, out)
     store = (["--task-vectors"], {"nargs": "+", "required": True, "help": "task subgroups of the zoo's task_vectors.zarr"})
     tasks = (["--tasks"], {"nargs": "+", "required": True})

@@ -217,7 +217,7 @@ def _label(name: str) -> str:
 def analysis_sections(files: dict[str, str], md_dir: Path, main: pd.DataFrame | None = None) -> tuple[list[str], list[str]]:
     """Markdown and HTML of every analysis whose outputs are in ``files`` (names as in
     workflow/rules/analysis.smk: sensitivity, coefficients, distances, spearman, robustness,
-    unseen, each with a ``*_png`` figure)."""
+    unseen, pem, each with a ``*_png`` figure)."""
     doc = _Doc(md_dir)
     doc.heading("Appendix: analyses")
     if "sensitivity" in files:
@@ -319,6 +319,20 @@ def analysis_sections(files: dict[str, str], md_dir: Path, main: pd.DataFrame | 
                  "(of the seen tasks' vectors) with the unlabeled test images of all tasks, the unseen ones included.")
         doc.table(wide, "Accuracy (%) on seen and unseen tasks.", bold_max=True)
         doc.figure(files.get("unseen_png"), "Average accuracy (%) on the seen and the unseen tasks.")
+    if "pem" in files:
+        doc.heading("G. Composition of parameter-efficient modules", 3)
+        from pipeline.analysis.pem import summary
+
+        rows = pd.read_parquet(files["pem"])
+        lora_lam = rows.loc[(rows["update"] == "lora") & (rows["method"] == "addition"), "lam"]
+        full_lam = rows.loc[(rows["update"] == "full") & (rows["method"] == "addition"), "lam"]
+        doc.para("LoRA adapters (rank-r updates of every attention and MLP matrix) fine-tuned per task, turned "
+                 "into task vectors and composed like the full fine-tuning task vectors: alone, by addition "
+                 f"(Task Arithmetic, lambda chosen on validation: full {full_lam.iloc[0] if len(full_lam) else '-'}, "
+                 f"LoRA {lora_lam.iloc[0] if len(lora_lam) else '-'}), by negation (each task in turn; accuracy on "
+                 "the negated task and on the others), and by task-wise AdaMerging over the updates.")
+        doc.table(summary(rows), "Average accuracy (%) of composed task updates.")
+        doc.figure(files.get("pem_png"), "Composition of LoRA and full fine-tuning task updates.")
     return doc.md, doc.html
 
 

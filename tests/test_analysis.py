@@ -11,7 +11,7 @@ from scipy.stats import spearmanr
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from pipeline.analysis import coefficients, distances, robustness, sensitivity, surrogate, unseen
+from pipeline.analysis import coefficients, distances, pem, robustness, sensitivity, surrogate, unseen
 from pipeline.analysis.corruptions import CORRUPTIONS, corrupt
 from pipeline.data.synthetic import render
 from pipeline.functional import FlatLayout
@@ -251,6 +251,21 @@ def test_padded_task_vectors_add_zero_rows():
 
 
 # ---------------------------------------------------------------------- report
+def _pem_rows() -> pd.DataFrame:
+    rows = [{"update": u, "method": m, "task": t, "role": r, "accuracy": acc, "lam": 0.3}
+            for u, base in (("full", 80.0), ("lora", 70.0)) for t in TASKS
+            for m, r, acc in (("individual", "target", base + 15), ("addition", "all", base),
+                              ("negation", "target", 20.0), ("negation", "control", 60.0), ("adamerging", "all", base + 5))]
+    return pd.DataFrame(rows, columns=pem.COLUMNS)
+
+
+def test_pem_summary_splits_negation_into_target_and_control():
+    table = pem.summary(_pem_rows())
+    assert list(table.columns) == ["Full fine-tuning", "LoRA"]
+    assert table.loc["Negation (negated task)", "LoRA"] == 20.0 and table.loc["Negation (other tasks)", "LoRA"] == 60.0
+    assert table.loc["AdaMerging (task-wise)", "Full fine-tuning"] == 85.0
+
+
 def _analysis_outputs(tmp_path: Path) -> dict[str, str]:
     out = tmp_path / "analysis"
     out.mkdir()
@@ -278,11 +293,14 @@ def _analysis_outputs(tmp_path: Path) -> dict[str, str]:
     robustness.plot_robustness(_robustness_rows(), out / "robustness.png")
     _unseen_rows().to_parquet(out / "unseen.parquet")
     unseen.plot_unseen(_unseen_rows(), out / "unseen.png")
+    _pem_rows().to_parquet(out / "pem.parquet")
+    pem.plot(_pem_rows(), out / "pem.png")
     files = {"sensitivity": "sensitivity.parquet", "sensitivity_png": "sensitivity.png",
              "coefficients": "coefficients.parquet", "coefficients_layer_png": "layer.png",
              "coefficients_task_png": "task.png", "entropy_png": "entropy.png", "distances": "distances.parquet",
              "distances_png": "distances.png", "spearman": "spearman.parquet", "robustness": "robustness.parquet",
-             "robustness_png": "robustness.png", "unseen": "unseen.parquet", "unseen_png": "unseen.png"}
+             "robustness_png": "robustness.png", "unseen": "unseen.parquet", "unseen_png": "unseen.png",
+             "pem": "pem.parquet", "pem_png": "pem.png"}
     return {k: str(out / v) for k, v in files.items()}
 
 
@@ -294,9 +312,9 @@ def test_report_embeds_every_analysis(tmp_path):
     md, htm = analysis_sections(_analysis_outputs(tmp_path), report_dir)
     md, htm = "\n".join(md), "\n".join(htm)
     for heading in ("Sensitivity", "Learned merging coefficients", "Distances", "Entropy as a surrogate",
-                    "Robustness", "Generalisation to unseen tasks"):
+                    "Robustness", "Generalisation to unseen tasks", "Composition of parameter-efficient modules"):
         assert heading in md and heading in htm
-    assert htm.count("data:image/png;base64,") == 7  # every figure given
+    assert htm.count("data:image/png;base64,") == 8  # every figure given
     assert "](../analysis/sensitivity.png)" in md and "base64" not in md
     assert "0.900" in md  # the Spearman coefficients are stated
     assert "unlabeled test images of all tasks" in md

@@ -81,7 +81,7 @@ def test_adding_a_task_reruns_only_its_jobs_and_the_whole_set_jobs(micro_run: Pa
         # analyses over the whole task set; the unseen-task split (the last two tasks) moves;
         # the robustness merge (the first four tasks) is unchanged
         "analysis_sensitivity": 1, "analysis_coefficients": 1, "analysis_distances": 1,
-        "analysis_surrogate": 1, "analysis_unseen": 1,
+        "analysis_surrogate": 1, "analysis_unseen": 1, "lora_finetune": 1, "analysis_pem": 1,
         "analysis_unseen_run": 1 + len(cfg["analysis"]["unseen"]["variants"]),  # baselines + AdaMerging
         "report": 1, "all": 1,
     }

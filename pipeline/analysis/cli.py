@@ -116,6 +116,17 @@ def _unseen_table(a) -> None:
     plot_unseen(table, a.figure)
 
 
+def _pem(a) -> None:
+    from pipeline.analysis import pem
+    from pipeline.analysis.common import write_parquet
+    from pipeline.merging.lambda_search import grid
+
+    table = pem.run(a.zoo, a.pretrained, a.tasks, a.finetuned, a.lora, a.heads, a.data, grid(**a.grid),
+                    a.negation_lam, a.adamerging, a.max_images, a.batch_size)
+    write_parquet(table, a.out)
+    pem.plot(table, a.figure)
+
+
 def add_analysis_verbs(sub: argparse._SubParsersAction) -> None:
     def verb(name, fn, *args):
         s = sub.add_parser(name)
@@ -158,3 +169,7 @@ def add_analysis_verbs(sub: argparse._SubParsersAction) -> None:
          (["--variant"], {**req, "help": "baselines or an AdaMerging variant"}),
          (["--tasks"], many), (["--seen"], many), (["--unseen"], many))
     verb("analysis-unseen-table", _unseen_table, out, figure, (["--inputs"], many))
+    verb("analysis-pem", _pem, pretrained, heads, data, batch, out, figure, merge_args[2], merge_args[3],
+         (["--tasks"], many), (["--finetuned"], many), (["--lora"], {**many, "help": "LoRA factor files"}),
+         (["--grid"], {**req, "type": json.loads, "help": 'lambda grid of the addition as JSON {"start", "stop", "step"}'}),
+         (["--negation-lam"], {"type": float, "default": -1.0}))

@@ -345,3 +345,74 @@ rule analysis_unseen:
     shell:
         "python -m pipeline analysis-unseen-table --zoo {params.zoo:q} --inputs {input} "
         "--out {output.table} --figure {output.figure} > {log} 2>&1"
+
+
+rule lora_finetune:
+    input:
+        pretrained=f"{MODELS}/pretrained.safetensors",
+        head=f"{MODELS}/heads/{{task}}.safetensors",
+        data=f"{DATA}/{{task}}.npz",
+    output:
+        f"{MODELS}/lora/{{task}}.safetensors",
+    log:
+        f"{LOGS}/lora_finetune/{{task}}.log",
+    benchmark:
+        f"{BENCH}/lora_finetune/{{task}}.tsv"
+    conda:
+        ENV
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        zoo=zoo_json("synthetic.finetune"),
+        settings=json.dumps(analysis_cfg("pem").get("lora", {}), sort_keys=True),
+        code=code_version("zoo/lora.py", "zoo/synthetic_zoo.py"),
+    shell:
+        "python -m pipeline lora-finetune --zoo {params.zoo:q} --task {wildcards.task} "
+        "--pretrained {input.pretrained} --head {input.head} --data {input.data} "
+        "--settings {params.settings:q} --out {output} --threads {threads} > {log} 2>&1"
+
+
+rule analysis_pem:
+    input:
+        pretrained=f"{MODELS}/pretrained.safetensors",
+        finetuned=finetuned(TASKS),
+        lora=expand(f"{MODELS}/lora/{{t}}.safetensors", t=TASKS),
+        heads=heads(TASKS),
+        data=task_data(TASKS),
+    output:
+        table=f"{AN}/pem.parquet",
+        figure=report(f"{AN}/pem.png", category="Analysis", caption="../report/pem.rst"),
+    log:
+        f"{LOGS}/analysis/pem.log",
+    benchmark:
+        f"{BENCH}/analysis/pem.tsv"
+    conda:
+        ENV
+    threads: THREADS
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    params:
+        zoo=zoo_json(),
+        tasks=TASKS,
+        grid=json.dumps(config["merging"]["lambda_grid"], sort_keys=True),
+        negation=config["merging"]["task_negation"]["lam"],
+        adamerging=adamerging_settings("pem"),
+        max_images=analysis_max_images("pem"),
+        batch=config["evaluation"]["batch_size"],
+        code=code_version(
+            *ANALYSIS_CODE,
+            "analysis/pem.py",
+            "analysis/robustness.py",
+            "zoo/lora.py",
+            "merging/adamerging.py",
+        ),
+    shell:
+        "python -m pipeline analysis-pem --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "--tasks {params.tasks} --finetuned {input.finetuned} --lora {input.lora} "
+        "--heads {input.heads} --data {input.data} --grid {params.grid:q} "
+        "--negation-lam {params.negation} --adamerging {params.adamerging:q} "
+        "--max-images {params.max_images} --batch-size {params.batch} "
+        "--out {output.table} --figure {output.figure} --threads {threads} > {log} 2>&1"

@@ -172,6 +172,8 @@ def analysis_files():
             "spearman": f"{AN}/entropy_spearman.parquet",
             "surrogate_png": f"{AN}/entropy_loss.png",
         }
+    if analysis_on("pem") and SOURCE == "synthetic":
+        out |= {"pem": f"{AN}/pem.parquet", "pem_png": f"{AN}/pem.png"}
     if analysis_on("robustness"):
         out |= {
             "robustness": f"{AN}/robustness.parquet",

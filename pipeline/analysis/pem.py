@@ -1,0 +1,114 @@
+"""Composition of parameter-efficient modules (the paper's PEM experiment): LoRA task updates
+(:mod:`pipeline.zoo.lora`) against full fine-tuning task vectors, each composed
+
+* individually (pretrained + the task's own update, on its task),
+* by addition (Task Arithmetic, lambda chosen on the validation split from the grid),
+* by negation (pretrained + lam * update with lam < 0: accuracy on the negated task, and on
+  the other tasks as the control),
+* by AdaMerging over the updates (coefficients learned from unlabeled test images).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+
+from pipeline.analysis.common import figure, save_figure
+
+COLUMNS = ["update", "method", "task", "role", "accuracy", "lam"]
+UPDATES = {"full": "Full fine-tuning", "lora": "LoRA"}
+METHODS = {"individual": "Individual", "addition": "Addition (Task Arithmetic)",
+           "negation": "Negation (negated task)", "negation_control": "Negation (other tasks)",
+           "adamerging": "AdaMerging (task-wise)"}
+
+
+def compose(update: str, encoder: torch.nn.Module, pretrained: dict[str, torch.Tensor],
+            vectors: Sequence[dict[str, torch.Tensor]], tasks: Sequence[str], heads: Sequence[torch.Tensor],
+            val: Sequence, test: Sequence, lambdas: Sequence[float], negation_lam: float, adamerging_settings,
+            images: Sequence[torch.Tensor], batch_size: int) -> list[dict]:
+    """Rows of :data:`COLUMNS` for one kind of update (``vectors``: one task vector per task)."""
+    from pipeline.evaluation import accuracy
+    from pipeline.functional import FlatLayout
+    from pipeline.merging import apply_vector
+    from pipeline.merging.adamerging import adamerge
+    from pipeline.merging.lambda_search import search
+
+    def evaluate(state: dict, method: str, which: Sequence[int], role, lam) -> list[dict]:
+        encoder.load_state_dict(state)
+        return [{"update": update, "method": method, "task": tasks[i], "role": role(i),
+                 "accuracy": accuracy(encoder, heads[i], test[i], batch_size, desc=f"{update} {method} {tasks[i]}")["accuracy"],
+                 "lam": lam} for i in which]
+
+    every = range(len(tasks))
+    rows = []
+    for i in every:
+        rows += evaluate(apply_vector(pretrained, vectors[i], 1.0), "individual", [i], lambda _: "target", 1.0)
+    summed = {k: sum(v[k] for v in vectors) for k in vectors[0]}
+    _, best = search(encoder, pretrained, summed, lambdas, list(zip(tasks, heads, val)), f"{update} addition", batch_size)
+    rows += evaluate(apply_vector(pretrained, summed, best), "addition", every, lambda _: "all", best)
+    for i in every:
+        rows += evaluate(apply_vector(pretrained, vectors[i], negation_lam), "negation", every,
+                         lambda j, i=i: "target" if j == i else "control", negation_lam)
+    layout = FlatLayout.of(pretrained)
+    tvs = torch.stack([layout.flatten({**pretrained, **v}) for v in vectors])
+    result = adamerge("task_wise", encoder, tvs, heads, images, adamerging_settings, device="cpu", progress=False)
+    rows += evaluate(result.state_dict, "adamerging", every, lambda _: "all", None)
+    encoder.load_state_dict(pretrained)
+    return rows
+
+
+def summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Average accuracy per method (rows) and kind of update (columns); negation split into
+    the negated task and the others."""
+    rows = rows.assign(method=rows["method"].where(~((rows["method"] == "negation") & (rows["role"] == "control")),
+                                                   "negation_control"))
+    table = rows.groupby(["method", "update"])["accuracy"].mean().unstack("update")
+    table = table.reindex([m for m in METHODS if m in table.index])
+    table.index = [METHODS[m] for m in table.index]
+    table.columns = [UPDATES.get(c, c) for c in table.columns]
+    return table
+
+
+def plot(rows: pd.DataFrame, path: str) -> None:
+    table = summary(rows)
+    fig, ax = figure(figsize=(6.4, 2.8))
+    width = 0.8 / len(table.columns)
+    for j, col in enumerate(table.columns):
+        ax.bar([i + (j - (len(table.columns) - 1) / 2) * width for i in range(len(table))], table[col], width,
+               label=col)
+    ax.set_xticks(range(len(table)), [t.replace(" (", "\n(") for t in table.index])
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(frameon=False, ncols=2)
+    save_figure(fig, path)
+
+
+def run(zoo: dict, pretrained: str, tasks: Sequence[str], finetuned: Sequence[str], lora: Sequence[str],
+        heads: Sequence[str], data: Sequence[str], lambdas: Sequence[float], negation_lam: float, settings: dict,
+        max_images: int, batch_size: int) -> pd.DataFrame:
+    """The composition table for full fine-tuning (``finetuned`` checkpoints) and LoRA
+    (``lora`` factor files) on ``tasks``."""
+    from safetensors.torch import load_file
+
+    from pipeline.analysis.common import load_encoder, task_splits
+    from pipeline.analysis.robustness import adaptation_images
+    from pipeline.merging.adamerging import Settings
+    from pipeline.zoo.lora import as_task_vector
+    from pipeline.zoo.store import load_encoder_state
+
+    encoder, sd = load_encoder(zoo, pretrained)
+    test, val = task_splits(zoo, tasks, heads, data, "test"), task_splits(zoo, tasks, heads, data, "val")
+    s = Settings.from_dict(settings)
+    images = adaptation_images([d for _, _, d in test], max_images, s.seed)
+    updates = {
+        "full": [{k: (v.float() - sd[k].float()) for k, v in load_encoder_state(f).items() if sd[k].is_floating_point()}
+                 for f in finetuned],
+        "lora": [as_task_vector(sd, load_file(f)) for f in lora],
+    }
+    rows = []
+    for update, vectors in updates.items():
+        rows += compose(update, encoder, sd, vectors, tasks, [h for _, h, _ in test], [d for _, _, d in val],
+                        [d for _, _, d in test], lambdas, negation_lam, s, images, batch_size)
+    return pd.DataFrame(rows, columns=COLUMNS)

@@ -206,3 +206,12 @@ def test_memory_budget_respected(tmp_path):
     assert peaks["dense", 2**22] >= 128, peaks  # the probe sees the dense matrix
     assert peaks["stream", 2**22] < 0.4 * peaks["dense", 2**22], peaks
     assert peaks["stream", 2**22] - peaks["stream", 2**20] < 16, peaks  # independent of the size
+
+
+def test_scale_benchmark_checks_disk_space_first(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_scale import check_disk
+
+    check_disk(tmp_path, 1)
+    with pytest.raises(SystemExit, match=r"needs 1000000000.0 GB free in .* pass --workdir on a larger disk"):
+        check_disk(tmp_path, 10**18)

@@ -19,8 +19,9 @@ So exact TIES reads the store about twice. On CPU, large merges run the per-bloc
 through ``torch.compile`` (one fused loop instead of a dozen eager passes; bit-identical). Reads run in a thread pool ahead of the compute,
 holding at most half a memory budget's worth of blocks; the merged model is written tensor by
 tensor into a safetensors file (:class:`SafetensorsWriter`). Memory: the budget, one
-pretrained tensor, and for TIES the sample (4 MiB per task) and the band's candidates (about
-0.8% of the store's entries).
+pretrained tensor, and for TIES the sample (4 MiB per task) and the band's candidates (0.8%
+of the store's entries, narrowed to at most an eighth of the budget on very large stores;
+the histogram fallback collects one 16-bit bucket per task, which is not bounded).
 """
 
 from __future__ import annotations
@@ -245,6 +246,7 @@ def exact_thresholds(reader: Reader, k: float, sample: int = 1 << 20, band: floa
     lo = torch.zeros(n_tasks, dtype=torch.int64)
     hi = torch.full((n_tasks,), -1, dtype=torch.int64)  # empty band: every task falls back
     spans = list(reader.store.spans())
+    band = min(band, reader.budget_mib * 2**20 / (64 * n_tasks * d))  # 2 band d K fp32 candidates <= budget / 8
     if sample > 0:
         picked = _spread(spans, SAMPLE_CHUNKS)
         stride = max(1, math.ceil(sum(s.stop - s.start for _, s in picked) / sample))

@@ -70,7 +70,7 @@ rule lambda_search:
         "--pretrained {input.pretrained} --task-vectors {input.store} "
         "--heads {input.heads} --data {input.data} --settings {params.settings:q} "
         "--grid {params.grid:q} --batch-size {params.batch} --search-out {output.search} "
-        "--budget-mib {params.budget} --out {output.model} --threads {threads} > {log} 2>&1"
+        "--out {output.model} --threads {threads} > {log} 2>&1"
 
 
 rule task_negation:
@@ -136,7 +136,7 @@ rule merge_with_data:
         "python -m pipeline merge-with-data --zoo {params.zoo:q} --method {wildcards.method} "
         "--pretrained {input.pretrained} --finetuned {input.finetuned} --tasks {params.tasks} "
         "--heads {input.heads} --data {input.data} --settings {params.settings:q} "
-        "--budget-mib {params.budget} --out {output.model} --threads {threads} > {log} 2>&1"
+        "--out {output.model} --threads {threads} > {log} 2>&1"
 
 
 if SOURCE == "synthetic":
@@ -168,4 +168,4 @@ if SOURCE == "synthetic":
         shell:
             "python -m pipeline multitask --zoo {params.zoo:q} --pretrained {input.pretrained} "
             "--tasks {params.tasks} --heads {input.heads} --data {input.data} "
-            "--budget-mib {params.budget} --out {output.model} --threads {threads} > {log} 2>&1"
+            "--out {output.model} --threads {threads} > {log} 2>&1"

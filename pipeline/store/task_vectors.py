@@ -255,31 +255,34 @@ class TaskVectorStore:
 
     @functools.cache
     def _layout(self, task: str, key: str) -> tuple[bool, int, Callable]:
-        """Whether the array's chunk files are plain little-endian fp32, its chunk length and
-        its chunk-key encoder (read once per array)."""
+        """Whether the array's chunk files are plain (uncompressed, native byte order), its
+        chunk length and its chunk-key encoder (read once per array)."""
         array = self._array(task, key)
         meta = array.metadata
-        plain = (self.storage[task].dtype == "float32" and len(meta.codecs) == 1
-                 and type(meta.codecs[0]).__name__ == "BytesCodec"
+        plain = (len(meta.codecs) == 1 and type(meta.codecs[0]).__name__ == "BytesCodec"
                  and getattr(meta.codecs[0].endian, "value", None) == sys.byteorder)
         return plain, array.chunks[0], meta.chunk_key_encoding.encode_chunk_key
 
     def _read_raw(self, task: str, key: str, span: slice, out: torch.Tensor) -> bool:
-        """Read one uncompressed fp32 chunk file straight into ``out`` (no zarr decode, the GIL
-        released while reading, so reader threads overlap); False where that does not apply."""
+        """Read one uncompressed chunk file straight into ``out`` (16-bit types through a
+        buffer, then converted): no zarr decode, the GIL released while reading, so reader
+        threads overlap. False where that does not apply."""
         plain, step, chunk_key = self._layout(task, key)
         if not plain or span.start % step or span.stop - span.start > step:
             return False
-        path = self.root / task / key / chunk_key((span.start // step,))
+        dtype = self.storage[task].dtype
+        target = out if dtype == "float32" else torch.empty(len(out), dtype=torch.int16)
         try:
-            with open(path, "rb", buffering=0) as f:
-                view = memoryview(out.numpy()).cast("B")
+            with open(self.root / task / key / chunk_key((span.start // step,)), "rb", buffering=0) as f:
+                view = memoryview(target.numpy()).cast("B")
                 got = 0
                 while got < len(view) and (n := f.readinto(view[got:])):
                     got += n
         except FileNotFoundError:  # a chunk never written holds the fill value
             out.zero_()
             return True
+        if target is not out:
+            out.copy_(target.view(getattr(torch, dtype)))
         return got == len(view)
 
     def nbytes(self) -> int:

@@ -21,9 +21,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.bench_scale import drop_caches, encoder_state  # noqa: E402
+from benchmarks.bench_scale import drop_caches, encoder_state, synthesise  # noqa: E402
 from pipeline.store.streaming import Reader, Ties, merge_to_memory  # noqa: E402
-from pipeline.store.task_vectors import Storage, TaskVectorStore, write_diffs, write_task_vector  # noqa: E402
+from pipeline.store.task_vectors import Storage, TaskVectorStore, write_task_vector  # noqa: E402
 
 LAYOUTS = [  # dtype, codec, level, chunk MiB
     ("float32", "none", 0, 4), ("float32", "none", 0, 1), ("float32", "none", 0, 16),
@@ -39,12 +39,8 @@ def layout_rows(tasks: int, workdir: Path) -> list[dict]:
     for dtype, codec, level, chunk in LAYOUTS:
         storage, root = Storage(dtype, codec, level), workdir / f"{dtype}-{codec}-{chunk}.zarr"
         start = time.perf_counter()
-        for j in range(tasks):
-            gen = torch.Generator().manual_seed(1000 + j)
-            diffs = ((k, (v + torch.randn(v.shape, generator=gen).mul_(1e-3)) - v, v.dtype) for k, v in pretrained.items())
-            write_diffs(root, f"t{j}", diffs, "random-init", f"synthetic-{j}", chunk, storage)
+        store = synthesise(root, pretrained, tasks, storage, chunk)
         write_s = time.perf_counter() - start
-        store = TaskVectorStore(root, [f"t{j}" for j in range(tasks)])
         drop_caches()
         reader = Reader(store)
         start = time.perf_counter()

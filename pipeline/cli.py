@@ -70,6 +70,11 @@ def cmd_head(a) -> None:
     save_head(zero_shot_weights(model, tokenizer, classnames, templates), a.out)
 
 
+def _job_seed(zoo: dict, name: str) -> int:
+    """A seed of its own for the job ``name`` (a task, ...), derived from the zoo's seed."""
+    return zoo["seed"] * 100_003 + zlib.crc32(name.encode()) % 100_000
+
+
 def cmd_finetune(a) -> None:
     from pipeline.data.tasks import as_tensors, load_split
     from pipeline.models.checkpoints import save_state_dict
@@ -78,7 +83,7 @@ def cmd_finetune(a) -> None:
 
     model = load_clip(a.zoo, a.pretrained)
     x, y = as_tensors(load_split(a.zoo, a.task, "train", a.data))
-    seed = a.zoo["seed"] * 100_003 + zlib.crc32(a.task.encode()) % 100_000
+    seed = _job_seed(a.zoo, a.task)
     sd = finetune(model.visual, load_head(a.head), x, y, a.zoo["synthetic"]["finetune"], seed, desc=f"finetune {a.task}")
     save_state_dict(sd, a.out)
 
@@ -92,7 +97,7 @@ def cmd_lora_finetune(a) -> None:
 
     encoder = load_clip(a.zoo, a.pretrained).visual
     x, y = as_tensors(load_split(a.zoo, a.task, "train", a.data))
-    seed = a.zoo["seed"] * 100_003 + zlib.crc32(f"lora {a.task}".encode()) % 100_000
+    seed = _job_seed(a.zoo, f"lora {a.task}")
     settings = _json(a.settings)
     adapters = add_adapters(encoder, settings.get("rank", 4), settings.get("alpha", 8.0), seed)
     cfg = a.zoo["synthetic"]["finetune"] | {k: v for k, v in settings.items() if k not in ("rank", "alpha")}

@@ -52,7 +52,7 @@ def compose(update: str, encoder: torch.nn.Module, pretrained: dict[str, torch.T
         rows += evaluate(apply_vector(pretrained, vectors[i], negation_lam), "negation", every,
                          lambda j, i=i: "target" if j == i else "control", negation_lam)
     layout = FlatLayout.of(pretrained)
-    tvs = torch.stack([layout.flatten({**pretrained, **v}) for v in vectors])
+    tvs = torch.stack([layout.flatten(v) for v in vectors])
     result = adamerge("task_wise", encoder, tvs, heads, images, adamerging_settings, device="cpu", progress=False)
     rows += evaluate(result.state_dict, "adamerging", every, lambda _: "all", None)
     encoder.load_state_dict(pretrained)

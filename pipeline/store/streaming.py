@@ -63,8 +63,12 @@ def _return_large_frees_to_the_os() -> None:
     """Fix glibc's mmap threshold at 256 KiB: blocks allocated by the reader threads and freed
     by the main thread then go back to the OS instead of piling up in per-thread arenas
     (glibc otherwise raises the threshold after the first frees, and RSS grows with the data)."""
+    try:
+        glibc = "glibc" in (os.confstr("CS_GNU_LIBC_VERSION") or "")
+    except (AttributeError, ValueError, OSError):  # not glibc, or no confstr
+        return
     libc = ctypes.util.find_library("c")
-    if libc and "glibc" in os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else False:
+    if glibc and libc:
         ctypes.CDLL(libc).mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
 
 
@@ -363,9 +367,8 @@ class LazyStateDict(Mapping):
 
     def __init__(self, path: str | Path, prefix: str = ""):
         self.path, self.prefix = str(path), prefix
-        with safe_open(self.path, "pt") as f:
-            self._keys = [k[len(prefix):] for k in f.keys() if k.startswith(prefix)]
         self._file = safe_open(self.path, "pt")
+        self._keys = [k[len(prefix):] for k in self._file.keys() if k.startswith(prefix)]
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keys:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in one call: every kernel test compiled on CUDA (no interpreter),
 # the kernel benchmark, then the AdaMerging step benchmark and a 500-step end-to-end run on
-# 8 ViT-B/32 task vectors with AdaMerging's batches, in fp32, TF32 and bf16 autocast. FusionBench joins
-# the AdaMerging benchmark when `fusion_bench` is importable (carry its wheels, see
-# docs/benchmarks.md). Writes 8 files to $OUT: kernel_tests.log, bench_kernels.{json,md},
+# 8 ViT-B/32 task vectors with AdaMerging's batches, in fp32, TF32 and bf16 autocast.
+# FusionBench joins the AdaMerging benchmark when `fusion_bench` is importable: wheels found in
+# .whl/ (ignored by git, carried to the device; see docs/benchmarks.md) are installed first into
+# $PYTHON's environment. Writes 8 files to $OUT: kernel_tests.log, bench_kernels.{json,md},
 # bench_adamerging.log, bench_adamerging_{fp32,tf32,bf16}.json and summary.md.
 #     OUT=/path bash benchmarks/gpu.sh
 set -u
@@ -15,6 +16,10 @@ JUNIT="$(mktemp --suffix=.xml)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'benchmarks/gpu.sh needs CUDA'" || exit 2
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-deps --root-user-action=ignore .whl/*.whl || exit 2
+fi
+"$PYTHON" -c "import open_clip" || { echo "benchmarks/gpu.sh needs open_clip_torch in $PYTHON's environment (or its wheel in .whl/)"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
@@ -29,6 +28,8 @@ def load_split(zoo: dict, task: str, split: str, data_file: str | Path | None = 
             )
         with np.load(path) as npz:
             return TensorDataset(to_tensor(npz[f"x_{split}"]), torch.from_numpy(npz[f"y_{split}"]))
+    import open_clip
+
     from pipeline.data.paper_datasets import load_paper_dataset
 
     cfg = open_clip.get_model_config(zoo["arch"])

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # open_clip is imported where a model is built: it costs every job 2-3 s
+    import open_clip
 
 SYNTHETIC_ARCH = "synth-vit-tiny"
 _CONFIG_DIR = Path(__file__).parent / "configs"
@@ -17,6 +20,8 @@ _CONFIG_DIR = Path(__file__).parent / "configs"
 
 def register_configs() -> None:
     """Make the project's architectures known to ``open_clip.create_model``."""
+    import open_clip
+
     if SYNTHETIC_ARCH not in open_clip.list_models():
         open_clip.add_model_config(_CONFIG_DIR)
 
@@ -50,6 +55,8 @@ class WordTokenizer:
 
 def create_model(arch: str, seed: int | None = None) -> open_clip.model.CLIP:
     """A randomly initialised open_clip CLIP of architecture ``arch``."""
+    import open_clip
+
     register_configs()
     if seed is not None:
         torch.manual_seed(seed)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import open_clip
 import torch
 from safetensors.torch import load_file
 
 from pipeline.models.checkpoints import save_state_dict
 from pipeline.models.clip import WordTokenizer, create_model
+
+if TYPE_CHECKING:
+    import open_clip
 
 
 def load_clip(zoo: dict, path: str | Path) -> open_clip.model.CLIP:
@@ -32,6 +35,8 @@ def load_tokenizer(zoo: dict, models_dir: str | Path):
     if zoo["source"] == "synthetic":
         vocab = json.loads((Path(models_dir) / "tokenizer.json").read_text())
         return WordTokenizer(vocab["words"], vocab["context_length"])
+    import open_clip
+
     return open_clip.get_tokenizer(zoo["arch"])
 
 

@@ -24,6 +24,7 @@ rule adamerging:
         f"{BENCH}/adamerging/{{variant}}.tsv"
     wildcard_constraints:
         variant="|".join(ADAMERGING_VARIANTS),
+    priority: 20
     conda:
         ENV
     threads: THREADS

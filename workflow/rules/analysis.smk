@@ -42,6 +42,7 @@ rule analysis_sensitivity:
         f"{LOGS}/analysis/sensitivity.log",
     benchmark:
         f"{BENCH}/analysis/sensitivity.tsv"
+    priority: 10
     conda:
         ENV
     threads: THREADS
@@ -358,6 +359,7 @@ rule lora_finetune:
         f"{LOGS}/lora_finetune/{{task}}.log",
     benchmark:
         f"{BENCH}/lora_finetune/{{task}}.tsv"
+    priority: 20
     conda:
         ENV
     threads: THREADS
@@ -388,6 +390,7 @@ rule analysis_pem:
         f"{LOGS}/analysis/pem.log",
     benchmark:
         f"{BENCH}/analysis/pem.tsv"
+    priority: 20
     conda:
         ENV
     threads: THREADS

@@ -153,6 +153,7 @@ if SOURCE == "synthetic":
             f"{LOGS}/merge/multitask.log",
         benchmark:
             f"{BENCH}/merge/multitask.tsv"
+        priority: 10
         conda:
             ENV
         threads: THREADS

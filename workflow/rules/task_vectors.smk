@@ -11,6 +11,7 @@ rule task_vector:
         f"{LOGS}/task_vector/{{task}}.log",
     benchmark:
         f"{BENCH}/task_vector/{{task}}.tsv"
+    priority: 25
     conda:
         ENV
     threads: 1

@@ -33,7 +33,8 @@ if SOURCE == "synthetic":
             f"{BENCH}/pretrain/pretrain.tsv"
         conda:
             ENV
-        threads: THREADS
+        # the one long job at the start of the DAG, beside only the task-data jobs
+        threads: max(THREADS, 2)
         resources:
             mem_mb=4000,
             runtime=60,
@@ -57,6 +58,7 @@ if SOURCE == "synthetic":
             f"{LOGS}/finetune/{{task}}.log",
         benchmark:
             f"{BENCH}/finetune/{{task}}.tsv"
+        priority: 30
         conda:
             ENV
         threads: THREADS
@@ -124,6 +126,7 @@ rule zero_shot_head:
         f"{LOGS}/zero_shot_head/{{task}}.log",
     benchmark:
         f"{BENCH}/zero_shot_head/{{task}}.tsv"
+    priority: 30
     conda:
         ENV
     threads: 1

@@ -9,6 +9,6 @@ import sys
 if os.environ.get("PIPELINE_IMPORT_TRANSFORMERS") != "1":
     sys.modules.setdefault("transformers", None)
 
-from pipeline.cli import main  # noqa: E402
+from pipeline.cli import main
 
 main()

@@ -90,7 +90,11 @@ def _positives(labels: dict[str, np.ndarray], parts: list[list[tuple[str, int]]]
 
 def pretrain(cfg: dict, seed: int, progress: bool = True):
     """Contrastive pretraining with a multi-positive loss (every image matching a caption
-    is a positive, so repeated attribute values are no false negatives)."""
+    is a positive, so repeated attribute values are no false negatives).
+
+    ``cfg["final_logit_scale"]`` (when set) replaces the learned logit scale at the end, as
+    OpenAI's CLIP ends at its clamp of 100: zero-shot heads carry the scale, so it sets how
+    sharp the predictions are whose entropy AdaMerging minimises."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = create_model(cfg["arch"], seed=seed)
@@ -121,6 +125,9 @@ def pretrain(cfg: dict, seed: int, progress: bool = True):
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    if cfg.get("final_logit_scale"):
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(cfg["final_logit_scale"]))
     model.eval()
     return model, tokenizer
 

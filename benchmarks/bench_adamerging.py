@@ -5,7 +5,8 @@ For each model it times, interleaved over rounds (medians), on one fixed batch:
 
 * floor: one forward + backward of the encoder with fixed weights (weight gradients on), the
   same entropy loss: what any AdaMerging step must at least cost;
-* ours: ``FusedMerge`` (``kernels.weighted_sum`` + ``functional_call`` on views) + Adam step;
+* ours: ``FusedMerge`` (``kernels.weighted_sum_segments``: Triton's flat output on CUDA, one
+  tensor per parameter on the CPU; ``functional_call`` on views of them) + Adam step;
 * naive: the merged state dict rebuilt per step from pretrained + sum_k lambda * tau_k with
   ``torch.func.functional_call`` + Adam step;
 * fusion_bench: ``merge_weights()`` then forward, as FusionBench's layer-wise AdaMerging does;

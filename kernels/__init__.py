@@ -6,6 +6,7 @@ their modules as package attributes: reach a module itself with
 ``importlib.import_module("kernels.weighted_sum")`` or ``from kernels.weighted_sum import ...``.
 """
 from kernels.ties_merge import TiesStats, ties_apply, ties_majority, ties_merge, ties_stats, ties_thresholds
-from kernels.weighted_sum import weighted_sum
+from kernels.weighted_sum import weighted_sum, weighted_sum_segments
 
-__all__ = ["TiesStats", "ties_apply", "ties_majority", "ties_merge", "ties_stats", "ties_thresholds", "weighted_sum"]
+__all__ = ["TiesStats", "ties_apply", "ties_majority", "ties_merge", "ties_stats", "ties_thresholds", "weighted_sum",
+           "weighted_sum_segments"]

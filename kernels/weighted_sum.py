@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from kernels._backend import resolve_backend
 
@@ -166,6 +168,24 @@ def weighted_sum_reference(base: torch.Tensor, tvs: torch.Tensor, lambdas: torch
     return torch.cat(parts) if parts else base.clone()
 
 
+def _checked_offsets(base: torch.Tensor, tvs: torch.Tensor, lambdas: torch.Tensor,
+                     offsets: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
+    """``offsets`` as a tuple of ints, after checking the shapes of the inputs against it."""
+    offsets = tuple(int(o) for o in (offsets.tolist() if torch.is_tensor(offsets) else offsets))
+    n_tasks, n = tvs.shape
+    if base.shape != (n,) or lambdas.shape != (n_tasks, len(offsets) - 1):
+        raise ValueError(f"shapes: base {tuple(base.shape)}, tvs {tuple(tvs.shape)}, "
+                         f"lambdas {tuple(lambdas.shape)}, {len(offsets)} offsets")
+    if offsets[0] != 0 or offsets[-1] != n or any(a > b for a, b in zip(offsets, offsets[1:])):
+        raise ValueError("offsets must increase from 0 to N")
+    return offsets
+
+
+def _check_constants(base: torch.Tensor, tvs: torch.Tensor) -> None:
+    if base.requires_grad or tvs.requires_grad:
+        raise ValueError("this weighted sum differentiates w.r.t. lambdas only; detach base and tvs")
+
+
 def weighted_sum(base: torch.Tensor, tvs: torch.Tensor, lambdas: torch.Tensor,
                  offsets: Sequence[int] | torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``base + sum_k lambdas[k, seg] * tvs[k]`` over segments ``[offsets[l], offsets[l+1])``.
@@ -182,19 +202,58 @@ def weighted_sum(base: torch.Tensor, tvs: torch.Tensor, lambdas: torch.Tensor,
     Returns:
         (N,) merged weights in fp32 (in ``base.dtype`` for the torch twin).
     """
-    offsets = tuple(int(o) for o in (offsets.tolist() if torch.is_tensor(offsets) else offsets))
-    n_tasks, n = tvs.shape
-    if base.shape != (n,) or lambdas.shape != (n_tasks, len(offsets) - 1):
-        raise ValueError(f"shapes: base {tuple(base.shape)}, tvs {tuple(tvs.shape)}, "
-                         f"lambdas {tuple(lambdas.shape)}, {len(offsets)} offsets")
-    if offsets[0] != 0 or offsets[-1] != n or any(a > b for a, b in zip(offsets, offsets[1:])):
-        raise ValueError("offsets must increase from 0 to N")
+    offsets = _checked_offsets(base, tvs, lambdas, offsets)
     if resolve_backend(backend, base) == "torch":
         return weighted_sum_reference(base, tvs, lambdas, offsets)
-    if base.requires_grad or tvs.requires_grad:
-        raise ValueError("the Triton weighted sum differentiates w.r.t. lambdas only")
+    _check_constants(base, tvs)
     if base.dtype != torch.float32 or tvs.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"base must be fp32 and tvs fp32/bf16/fp16, got {base.dtype}, {tvs.dtype}")
     if not base.is_contiguous() or tvs.stride(1) != 1:
         raise ValueError("base must be contiguous and tvs unit-stride along N")
     return WeightedSumFunction.apply(base, tvs, lambdas, offsets)
+
+
+class SegmentWeightedSumFunction(torch.autograd.Function):
+    """The weighted sum as one output tensor per segment (torch, for the CPU): forward one
+    matrix-vector product per segment into its own tensor, backward one per segment from
+    that tensor's gradient. No (N,) buffer and no concatenation in either direction, and the
+    outputs are at most one weight tensor large: on the CPU a fresh (N,) buffer per step costs
+    its page faults again. Gradients flow to ``lambdas`` only."""
+
+    @staticmethod
+    def forward(ctx, base: torch.Tensor, tvs: torch.Tensor, lambdas: torch.Tensor,
+                offsets: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        ctx.save_for_backward(tvs)
+        ctx.offsets = offsets
+        ctx.dtypes = base.dtype, lambdas.dtype
+        ctx.set_materialize_grads(False)
+        lam = lambdas.detach().to(base.dtype)
+        return tuple(torch.addmv(base[a:b], tvs[:, a:b].t().to(base.dtype), lam[:, seg])
+                     for seg, (a, b) in enumerate(pairwise(offsets)))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: torch.Tensor | None):
+        (tvs,) = ctx.saved_tensors
+        off = ctx.offsets
+        dtype, lambdas_dtype = ctx.dtypes
+        grad_lam = torch.zeros((len(grads), tvs.shape[0]), dtype=dtype, device=tvs.device)  # (L, K): rows written in place
+        for seg, (g, a, b) in enumerate(zip(grads, off, off[1:])):
+            if g is not None and b > a:
+                torch.mv(tvs[:, a:b].to(dtype), g.reshape(-1).to(dtype), out=grad_lam[seg])
+        return None, None, grad_lam.t().to(lambdas_dtype), None
+
+
+def weighted_sum_segments(base: torch.Tensor, tvs: torch.Tensor, lambdas: torch.Tensor,
+                          offsets: Sequence[int] | torch.Tensor, backend: str = "auto") -> list[torch.Tensor]:
+    """``weighted_sum`` as a list of L tensors, segment l's merged weights (1-D).
+
+    On CUDA (backend "triton") views of the fused kernel's (N,) output; otherwise
+    ``SegmentWeightedSumFunction``. Arguments as for ``weighted_sum``.
+    """
+    offsets = _checked_offsets(base, tvs, lambdas, offsets)
+    _check_constants(base, tvs)
+    if resolve_backend(backend, base) == "torch":
+        return list(SegmentWeightedSumFunction.apply(base, tvs, lambdas, offsets))
+    sizes = [b - a for a, b in pairwise(offsets)]
+    return list(weighted_sum(base, tvs, lambdas, offsets, backend="triton").split(sizes))

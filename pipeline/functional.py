@@ -1,9 +1,10 @@
 """A model's floating-point weights as one flat vector, and the model run on views of it.
 
-AdaMerging builds the merged weights as one (N,) vector per step (``kernels.weighted_sum``)
-and runs the encoder on views of that vector through ``torch.func.functional_call``: no
-state dict is rebuilt and no weight is copied. The views come from one ``split`` whose
-backward is a single concatenation, so the gradient of the flat vector costs O(N).
+AdaMerging builds the merged weights per step in one operation (``kernels.weighted_sum``:
+one (N,) vector on CUDA, one tensor per parameter on the CPU) and runs the encoder on views
+of them through ``torch.func.functional_call``: no state dict is rebuilt and no weight is
+copied. Views of a flat vector come from one ``split`` whose backward is a single
+concatenation, so the gradient of the flat vector costs O(N).
 """
 
 from __future__ import annotations
@@ -71,7 +72,13 @@ class FlatLayout:
         """Views of ``flat`` shaped as the layout's tensors (no copies)."""
         if flat.shape != (self.numel,):
             raise ValueError(f"flat vector of shape {tuple(flat.shape)}, layout has {self.numel} entries")
-        return {k: part.view(shape) for k, shape, part in zip(self.names, self.shapes, flat.split(self.sizes))}
+        return self.shaped(flat.split(self.sizes))
+
+    def shaped(self, parts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The layout's tensors from ``parts``, one 1-D tensor per tensor, as shaped views."""
+        if [p.numel() for p in parts] != self.sizes:
+            raise ValueError(f"{len(parts)} parts do not match the layout's {len(self.names)} tensor sizes")
+        return {k: part.view(shape) for k, shape, part in zip(self.names, self.shapes, parts)}
 
     def state_dict(self, flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A CPU state dict with the keys of ``like``: the layout's tensors copied from ``flat``
@@ -82,8 +89,9 @@ class FlatLayout:
                 for k, v in like.items()}
 
 
-def functional_forward(module: nn.Module, layout: FlatLayout, flat: torch.Tensor,
+def functional_forward(module: nn.Module, layout: FlatLayout, parts: Sequence[torch.Tensor],
                        args: Sequence[object]) -> torch.Tensor:
-    """``module(*args)`` with the layout's tensors replaced by views of ``flat``; the
-    gradient reaches ``flat`` (and what it was computed from), not the module's own weights."""
-    return functional_call(module, layout.unflatten(flat), tuple(args))
+    """``module(*args)`` with the layout's tensors replaced by ``parts`` (one 1-D tensor per
+    layout tensor, e.g. ``flat.split(layout.sizes)``); the gradient reaches the parts (and
+    what they were computed from), not the module's own weights."""
+    return functional_call(module, layout.shaped(parts), tuple(args))

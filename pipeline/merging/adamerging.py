@@ -10,8 +10,9 @@ disjoint). Defaults follow the official code: lambda starts at 0.3, Adam (lr 1e-
 = sum over tasks and batches of the mean Shannon entropy of the softmax predictions through
 each task's frozen zero-shot head, one backward per step.
 
-The merged weights are one flat vector per step (``kernels.weighted_sum``: Triton on CUDA)
-and the encoder runs on views of it (:mod:`pipeline.functional`); all tasks' batches go
+The merged weights come from one operation per step (``kernels.weighted_sum``: Triton's
+flat vector on CUDA, one tensor per parameter on the CPU) and the encoder runs on views of
+them (:mod:`pipeline.functional`); all tasks' batches go
 through the encoder as one batch (a ViT treats samples independently), gradients reach the
 raw coefficients only.
 """
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kernels import ties_merge, weighted_sum
+from kernels import ties_merge, weighted_sum, weighted_sum_segments
 from pipeline.functional import FlatLayout, functional_forward
 from pipeline.io import write_parquet
 from pipeline.models.clip import logits
@@ -120,8 +121,9 @@ class Result:
 
 
 class FusedMerge(nn.Module):
-    """The encoder with weights base + sum_k clamp(lambda_raw[k, seg]) * tvs[k], computed as
-    one flat vector; segments are the layout's tensors (layer-wise) or the whole vector."""
+    """The encoder with weights base + sum_k clamp(lambda_raw[k, seg]) * tvs[k], computed in
+    one operation over all tensors; a coefficient per task and tensor (layer-wise) or per
+    task (task-wise, shared by all tensors)."""
 
     def __init__(self, encoder: nn.Module, layout: FlatLayout, base: torch.Tensor, tvs: torch.Tensor,
                  layer_wise: bool, init: float, clamp: tuple[float, float]):
@@ -130,20 +132,21 @@ class FusedMerge(nn.Module):
         self.layout = layout
         self.register_buffer("base", base)
         self.register_buffer("tvs", tvs)
-        self.offsets = layout.offsets if layer_wise else (0, layout.numel)
         self.clamp = clamp
-        self.lambda_raw = nn.Parameter(torch.full((tvs.shape[0], len(self.offsets) - 1), float(init),
-                                                  device=base.device))
+        n_coefficients = len(layout.names) if layer_wise else 1
+        self.lambda_raw = nn.Parameter(torch.full((tvs.shape[0], n_coefficients), float(init), device=base.device))
 
     def coefficients(self) -> torch.Tensor:
-        return self.lambda_raw.clamp(*self.clamp)
+        """(K, L) clamped coefficients, one column per layout tensor (task-wise: repeated)."""
+        return self.lambda_raw.clamp(*self.clamp).expand(-1, len(self.layout.names))
 
     def merged(self) -> torch.Tensor:
         """(N,) merged weights, differentiable w.r.t. ``lambda_raw`` only."""
-        return weighted_sum(self.base, self.tvs, self.coefficients(), self.offsets)
+        return weighted_sum(self.base, self.tvs, self.coefficients(), self.layout.offsets)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return functional_forward(self.encoder, self.layout, self.merged(), (images,))
+        parts = weighted_sum_segments(self.base, self.tvs, self.coefficients(), self.layout.offsets)
+        return functional_forward(self.encoder, self.layout, parts, (images,))
 
 
 def task_vector_matrix(layout: FlatLayout, base: torch.Tensor, finetuned: Sequence[StateDict]) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Triton weighted sum vs its torch twin: forward, lambda gradient, determinism, gradcheck."""
 import importlib
+from itertools import pairwise
 
 import pytest
 import torch
@@ -89,3 +90,40 @@ def test_gradcheck_twin_float64():
     lambdas = torch.rand(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda lam: weighted_sum(base, tvs, lam, offsets, backend="torch"), (lambdas,))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_segments_match_flat_twin(layout, backend, device):
+    """One tensor per segment (the CPU's per-segment Function, or views of Triton's output):
+    same values and lambda gradient as the flat twin; a segment without gradient gets zeros."""
+    offsets = LAYOUTS[layout]
+    base, tvs, lambdas, grad_out = _inputs(offsets, 3, torch.float32, device, seed=3)
+    parts = ws.weighted_sum_segments(base, tvs, lambdas, offsets, backend=backend)
+    assert [p.numel() for p in parts] == [b - a for a, b in pairwise(offsets)]
+    grads = list(grad_out.split([p.numel() for p in parts]))
+    unused = 0 if len(parts) > 1 else None  # segment 0's output takes no part in the loss
+    used = [i for i in range(len(parts)) if i != unused]
+    torch.autograd.backward([parts[i] for i in used], [grads[i] for i in used])
+    grad = lambdas.grad.clone()
+    if unused is not None:
+        grads[unused] = torch.zeros_like(grads[unused])
+    ref_out, ref_grad = _run("torch", base, tvs, lambdas, offsets, torch.cat(grads))
+    torch.testing.assert_close(torch.cat([p.detach() for p in parts]), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-3)
+    nonempty = [i for i in used if parts[i].numel()]
+    assert torch.all(grad[:, nonempty] != 0)
+    if unused is not None:
+        assert torch.all(grad[:, unused] == 0)
+
+
+def test_segments_gradcheck_float64_and_constants():
+    offsets = [0, 1, 7, 7, 8, 20]
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(20, generator=g, dtype=torch.float64)
+    tvs = torch.randn(3, 20, generator=g, dtype=torch.float64)
+    lambdas = torch.rand(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda lam: ws.weighted_sum_segments(base, tvs, lam, offsets, backend="torch"), (lambdas,))
+    with pytest.raises(ValueError, match="lambdas only"):
+        ws.weighted_sum_segments(base.requires_grad_(), tvs, lambdas, offsets, backend="torch")

@@ -18,7 +18,7 @@ With ``--e2e-steps N`` it then runs the pipeline's own ``adamerge()`` (layer-wis
 the official batches: two of 16 images per task) end to end on the device and prints its
 wall time next to N floor steps and N steps of each peer (their median step time times N).
 
-    python benchmarks/bench_adamerging.py [--configs tiny vit-b-32] [--rounds N] [--device cpu]
+    python benchmarks/bench_adamerging.py [--configs tiny vit-b-32] [--rounds N] [--device cpu]   # CPU: tiny, vit-b-32
     python benchmarks/bench_adamerging.py --configs vit-b-32-official --device cuda --e2e-steps 500
 
 FusionBench is benchmark-only; to include it without touching the project's venv:
@@ -49,11 +49,12 @@ from pipeline.functional import FlatLayout  # noqa: E402
 from pipeline.merging.adamerging import PRECISIONS, FusedMerge, Settings, adamerge, compute_precision, entropy_loss  # noqa: E402
 from pipeline.models.clip import create_model  # noqa: E402
 
-CONFIGS = {  # name: (arch, tasks, batch size, batches per task)
-    "tiny": ("synth-vit-tiny", 8, 16, 2),
-    "vit-b-32": ("ViT-B-32", 8, 1, 1),
-    "vit-b-32-official": ("ViT-B-32", 8, 16, 2),  # AdaMerging's batches, for a GPU
+CONFIGS = {  # name: (arch, tasks, batch size, batches per task, default rounds)
+    "tiny": ("synth-vit-tiny", 8, 16, 2, 40),  # steps of ~70 ms: many rounds against the noise
+    "vit-b-32": ("ViT-B-32", 8, 1, 1, 3),
+    "vit-b-32-official": ("ViT-B-32", 8, 16, 2, 10),  # AdaMerging's batches, for a GPU
 }
+CPU_CONFIGS = ["tiny", "vit-b-32"]
 CLASSES = 10
 
 
@@ -66,7 +67,7 @@ class Case:
     """One model's encoder, task vectors, heads and batch."""
 
     def __init__(self, name: str, device: torch.device, seed: int = 0):
-        arch, self.k, bs, nb = CONFIGS[name]
+        arch, self.k, bs, nb, _ = CONFIGS[name]
         torch.manual_seed(seed)
         self.encoder = create_model(arch).visual.eval().requires_grad_(False).to(device)
         self.pre = {k: v.detach() for k, v in self.encoder.state_dict().items()}
@@ -189,8 +190,10 @@ def bench_steps(name: str, device: torch.device, rounds: int, with_fb: bool) -> 
     times: dict[str, list[float]] = {k: [] for k in steps}
     for fn in steps.values():  # warm-up
         fn()
-    for _ in range(rounds):
-        for key, fn in steps.items():
+    keys = list(steps)
+    for r in range(rounds):  # each round starts one method later: no method always follows the same one
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            fn = steps[key]
             _sync(device)
             start = time.perf_counter()
             fn()
@@ -215,8 +218,8 @@ def bench_steps(name: str, device: torch.device, rounds: int, with_fb: bool) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--configs", nargs="+", default=CPU_CONFIGS, choices=list(CONFIGS))
+    p.add_argument("--rounds", type=int, help="timed rounds per method (default: per config, 3 to 40)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--e2e-steps", type=int, default=0,
@@ -230,7 +233,8 @@ def main() -> None:
     if device.type == "cuda":
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, precision {a.precision}")
     with_fb = fusion_bench_available()
-    results = {name: bench(name, device, a.rounds, with_fb, a.precision, a.e2e_steps) for name in a.configs}
+    results = {name: bench(name, device, a.rounds or CONFIGS[name][-1], with_fb, a.precision, a.e2e_steps)
+               for name in a.configs}
     if a.json:
         a.json.write_text(json.dumps({"device": str(device), "precision": a.precision,
                                       "e2e_steps": a.e2e_steps, "results": results}, indent=1))

@@ -223,24 +223,24 @@ class SegmentWeightedSumFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base: torch.Tensor, tvs: torch.Tensor, lambdas: torch.Tensor,
                 offsets: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        sizes = [b - a for a, b in pairwise(offsets)]
         ctx.save_for_backward(tvs)
-        ctx.offsets = offsets
+        ctx.sizes = sizes
         ctx.dtypes = base.dtype, lambdas.dtype
         ctx.set_materialize_grads(False)
-        lam = lambdas.detach().to(base.dtype)
-        return tuple(torch.addmv(base[a:b], tvs[:, a:b].t().to(base.dtype), lam[:, seg])
-                     for seg, (a, b) in enumerate(pairwise(offsets)))
+        columns = lambdas.detach().to(base.dtype).unbind(1)
+        tv_parts = tvs.t().to(base.dtype).split(sizes)  # (size_l, K) views when tvs has base's dtype
+        return tuple(torch.addmv(b, t, lam) for b, t, lam in zip(base.split(sizes), tv_parts, columns))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads: torch.Tensor | None):
         (tvs,) = ctx.saved_tensors
-        off = ctx.offsets
         dtype, lambdas_dtype = ctx.dtypes
-        grad_lam = torch.zeros((len(grads), tvs.shape[0]), dtype=dtype, device=tvs.device)  # (L, K): rows written in place
-        for seg, (g, a, b) in enumerate(zip(grads, off, off[1:])):
-            if g is not None and b > a:
-                torch.mv(tvs[:, a:b].to(dtype), g.reshape(-1).to(dtype), out=grad_lam[seg])
+        grad_lam = torch.zeros((len(grads), tvs.shape[0]), dtype=dtype, device=tvs.device)  # (L, K)
+        for g, t, row in zip(grads, tvs.to(dtype).split(ctx.sizes, dim=1), grad_lam.unbind(0)):
+            if g is not None and g.numel():
+                torch.mv(t, g.reshape(-1).to(dtype), out=row)
         return None, None, grad_lam.t().to(lambdas_dtype), None
 
 

@@ -5,6 +5,8 @@ For each model it times, interleaved over rounds (medians), on one fixed batch:
 
 * floor: one forward + backward of the encoder with fixed weights (weight gradients on), the
   same entropy loss: what any AdaMerging step must at least cost;
+* fed_floor: the same with the encoder's own weights fed as new tensors through
+  ``functional_call`` each step (no merge): what feeding computed weights alone adds;
 * ours: ``FusedMerge`` (``kernels.weighted_sum_segments``: Triton's flat output on CUDA, one
   tensor per parameter on the CPU; ``functional_call`` on views of them) + Adam step;
 * naive: the merged state dict rebuilt per step from pretrained + sum_k lambda * tau_k with
@@ -96,6 +98,17 @@ def floor_step(case: Case) -> Callable[[], None]:
     return step
 
 
+def fed_floor_step(case: Case) -> Callable[[], None]:
+    """The floor with the encoder's own weights fed each step as new tensors through
+    ``functional_call``, as every method that computes its weights feeds them: no merge."""
+    weights = {k: v.detach() for k, v in case.encoder.named_parameters()}
+
+    def step() -> None:
+        fed = {k: v.detach().requires_grad_() for k, v in weights.items()}
+        case.loss(functional_call(case.encoder, fed, (case.x,))).backward()
+    return step
+
+
 def ours_step(case: Case) -> Callable[[], None]:
     model = FusedMerge(case.encoder, case.layout, case.base, case.tvs, True, 0.3, (0.0, 1.0))
     opt = torch.optim.Adam([model.lambda_raw], lr=1e-3)
@@ -184,7 +197,8 @@ def bench(name: str, device: torch.device, rounds: int, with_fb: bool, precision
 
 def bench_steps(name: str, device: torch.device, rounds: int, with_fb: bool) -> dict[str, float]:
     case = Case(name, device)
-    steps = {"floor": floor_step(case), "ours": ours_step(case), "naive": naive_step(case)}
+    steps = {"floor": floor_step(case), "fed_floor": fed_floor_step(case), "ours": ours_step(case),
+             "naive": naive_step(case)}
     if with_fb:
         steps["fusion_bench"] = fusion_bench_step(case)
     times: dict[str, list[float]] = {k: [] for k in steps}
@@ -209,7 +223,7 @@ def bench_steps(name: str, device: torch.device, rounds: int, with_fb: bool) -> 
         over = "" if key == "floor" else f"{1e3 * (t - floor):13.1f}"
         print(f"  {key:<13}{1e3 * t:10.1f}{over:>13}{t / floor:12.3f}")
     ours = med["ours"] - floor
-    for key in [k for k in med if k not in ("floor", "ours")]:
+    for key in [k for k in med if k not in ("floor", "fed_floor", "ours")]:
         other = med[key] - floor
         ratio = f"{other / ours:.2f}x" if ours > 0 else "n/a (our overhead is within noise)"
         print(f"  overhead {key} / ours: {ratio}; step {key} / ours: {med[key] / med['ours']:.2f}x")

@@ -26,8 +26,9 @@ def test_layer_wise_adamerging_beats_task_wise_and_task_arithmetic(tmp_path: Pat
         rows = pd.read_parquet(tmp_path / target)
         assert set(rows["split"]) == {"test"} and len(rows) == 8
         avg[method] = rows["accuracy"].mean()
-    # measured 2026-11-27: Task Arithmetic 74.3 (lambda 0.3 from the validation grid),
-    # task-wise 74.9, layer-wise 76.8 (the paper: 69.1, 71.1, 80.1)
+    # measured 2026-11-27: Task Arithmetic 72.0 (lambda 0.3 from the validation grid),
+    # task-wise 74.7, layer-wise 76.1 (the paper: 69.1, 71.1, 80.1). The goal: layer-wise
+    # at least 3 points above Task Arithmetic at its best lambda, and above task-wise.
+    assert avg["adamerging_layer_wise"] >= avg["task_arithmetic"] + 3.0, avg
     assert avg["adamerging_layer_wise"] > avg["adamerging_task_wise"] + 1.0, avg
-    assert avg["adamerging_task_wise"] > avg["task_arithmetic"], avg
-    assert avg["adamerging_layer_wise"] > avg["task_arithmetic"] + 2.0, avg
+    assert avg["adamerging_task_wise"] > avg["task_arithmetic"] + 1.0, avg

@@ -164,7 +164,7 @@ def weighted_sum_reference(base: torch.Tensor, tvs: torch.Tensor, lambdas: torch
     off = [int(o) for o in (offsets.tolist() if torch.is_tensor(offsets) else offsets)]
     lam = lambdas.to(base.dtype)
     parts = [torch.addmv(base[a:b], tvs[:, a:b].t().to(base.dtype), lam[:, seg])
-             for seg, (a, b) in enumerate(zip(off, off[1:]))]
+             for seg, (a, b) in enumerate(pairwise(off))]
     return torch.cat(parts) if parts else base.clone()
 
 
@@ -176,7 +176,7 @@ def _checked_offsets(base: torch.Tensor, tvs: torch.Tensor, lambdas: torch.Tenso
     if base.shape != (n,) or lambdas.shape != (n_tasks, len(offsets) - 1):
         raise ValueError(f"shapes: base {tuple(base.shape)}, tvs {tuple(tvs.shape)}, "
                          f"lambdas {tuple(lambdas.shape)}, {len(offsets)} offsets")
-    if offsets[0] != 0 or offsets[-1] != n or any(a > b for a, b in zip(offsets, offsets[1:])):
+    if offsets[0] != 0 or offsets[-1] != n or any(a > b for a, b in pairwise(offsets)):
         raise ValueError("offsets must increase from 0 to N")
     return offsets
 
@@ -222,8 +222,7 @@ class SegmentWeightedSumFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base: torch.Tensor, tvs: torch.Tensor, lambdas: torch.Tensor,
-                offsets: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-        sizes = [b - a for a, b in pairwise(offsets)]
+                sizes: list[int]) -> tuple[torch.Tensor, ...]:
         ctx.save_for_backward(tvs)
         ctx.sizes = sizes
         ctx.dtypes = base.dtype, lambdas.dtype
@@ -253,7 +252,7 @@ def weighted_sum_segments(base: torch.Tensor, tvs: torch.Tensor, lambdas: torch.
     """
     offsets = _checked_offsets(base, tvs, lambdas, offsets)
     _check_constants(base, tvs)
-    if resolve_backend(backend, base) == "torch":
-        return list(SegmentWeightedSumFunction.apply(base, tvs, lambdas, offsets))
     sizes = [b - a for a, b in pairwise(offsets)]
+    if resolve_backend(backend, base) == "torch":
+        return list(SegmentWeightedSumFunction.apply(base, tvs, lambdas, sizes))
     return list(weighted_sum(base, tvs, lambdas, offsets, backend="triton").split(sizes))

@@ -1,20 +1,29 @@
 """Step time of layer-wise AdaMerging: our fused flat-vector step against a naive state-dict
 rebuild and FusionBench's ``LayerWiseMergedModel`` (when ``fusion_bench`` is importable).
 
-For each model it times, interleaved over rounds (medians), on one fixed batch:
+For each model it times, on one fixed batch, rounds in which each method in turn runs one
+untimed step (which pays for the switch from the previous method's memory state) and then
+``TIMED_STEPS`` consecutive timed steps, as a training loop runs them (medians over rounds):
 
-* floor: one forward + backward of the encoder with fixed weights (weight gradients on), the
-  same entropy loss: what any AdaMerging step must at least cost;
+* floor: one forward + backward of the encoder with fixed weights (weight gradients on,
+  released at the end of the step), the same entropy loss: what any AdaMerging step must at
+  least cost;
 * fed_floor: the same with the encoder's own weights fed as new tensors through
   ``functional_call`` each step (no merge): what feeding computed weights alone adds;
 * ours: ``FusedMerge`` (``kernels.weighted_sum_segments``: Triton's flat output on CUDA, one
-  tensor per parameter on the CPU; ``functional_call`` on views of them) + Adam step;
+  tensor per parameter on the CPU; ``functional_call`` on views of them) + the pipeline's
+  (fused) Adam step;
 * naive: the merged state dict rebuilt per step from pretrained + sum_k lambda * tau_k with
   ``torch.func.functional_call`` + Adam step;
 * fusion_bench: ``merge_weights()`` then forward, as FusionBench's layer-wise AdaMerging does;
 
-and prints each step's overhead over the floor and the ratios. Models: the synthetic tiny
+and prints each step's overhead over the floor (the median over rounds of the difference
+within a round) and the ratios. Models: the synthetic tiny
 ViT and an open_clip ViT-B-32 image encoder, K random task vectors. On CPU by default.
+
+The process first sets glibc's malloc as the pipeline's command line does
+(``pipeline.runtime.retain_freed_memory``), for every method alike; ``--default-malloc``
+keeps glibc's defaults, under which page faults move every method's step by several ms.
 
 With ``--e2e-steps N`` it then runs the pipeline's own ``adamerge()`` (layer-wise, N steps,
 the official batches: two of 16 images per task) end to end on the device and prints its
@@ -48,8 +57,10 @@ from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.functional import FlatLayout  # noqa: E402
-from pipeline.merging.adamerging import PRECISIONS, FusedMerge, Settings, adamerge, compute_precision, entropy_loss  # noqa: E402
+from pipeline.merging.adamerging import (  # noqa: E402
+    PRECISIONS, FusedMerge, Settings, adamerge, compute_precision, entropy_loss, lambda_optimizer)
 from pipeline.models.clip import create_model  # noqa: E402
+from pipeline.runtime import retain_freed_memory  # noqa: E402
 
 CONFIGS = {  # name: (arch, tasks, batch size, batches per task, default rounds)
     "tiny": ("synth-vit-tiny", 8, 16, 2, 40),  # steps of ~70 ms: many rounds against the noise
@@ -57,6 +68,7 @@ CONFIGS = {  # name: (arch, tasks, batch size, batches per task, default rounds)
     "vit-b-32-official": ("ViT-B-32", 8, 16, 2, 10),  # AdaMerging's batches, for a GPU
 }
 CPU_CONFIGS = ["tiny", "vit-b-32"]
+TIMED_STEPS = 2  # per method and round, after one untimed step: consecutive steps, as in a training loop
 CLASSES = 10
 
 
@@ -93,8 +105,8 @@ def floor_step(case: Case) -> Callable[[], None]:
     encoder = copy.deepcopy(case.encoder).requires_grad_(True)
 
     def step() -> None:
-        encoder.zero_grad(set_to_none=True)
         case.loss(encoder(case.x)).backward()
+        encoder.zero_grad(set_to_none=True)  # freed within the step, as every other method's are
     return step
 
 
@@ -111,7 +123,7 @@ def fed_floor_step(case: Case) -> Callable[[], None]:
 
 def ours_step(case: Case) -> Callable[[], None]:
     model = FusedMerge(case.encoder, case.layout, case.base, case.tvs, True, 0.3, (0.0, 1.0))
-    opt = torch.optim.Adam([model.lambda_raw], lr=1e-3)
+    opt = lambda_optimizer(model, Settings())
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -189,7 +201,7 @@ def bench(name: str, device: torch.device, rounds: int, with_fb: bool, precision
     with compute_precision(precision, device):
         med = bench_steps(name, device, rounds, with_fb)
     if e2e_steps:
-        for key, t in list(med.items()):
+        for key, t in [(k, t) for k, t in med.items() if not k.endswith("_overhead")]:
             print(f"  {e2e_steps} steps of {key} (median step x {e2e_steps}): {t * e2e_steps:.1f} s")
         med["end_to_end_s"] = end_to_end(Case(name, device), e2e_steps, precision)
     return med
@@ -202,32 +214,34 @@ def bench_steps(name: str, device: torch.device, rounds: int, with_fb: bool) -> 
     if with_fb:
         steps["fusion_bench"] = fusion_bench_step(case)
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for fn in steps.values():  # warm-up
-        fn()
     keys = list(steps)
     for r in range(rounds):  # each round starts one method later: no method always follows the same one
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:
             fn = steps[key]
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[key].append(time.perf_counter() - start)
+            fn()  # settles what the previous method left in the caches and the heap: not timed
+            turn = []
+            for _ in range(TIMED_STEPS):
+                _sync(device)
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                turn.append(time.perf_counter() - start)
+            times[key].append(statistics.median(turn))
     med = {k: statistics.median(v) for k, v in times.items()}
+    # overhead: the median over rounds of (method - floor) within a round, so that the
+    # machine's drift over the run (steps slow down or speed up by 10-20%) cancels
+    over = {k: statistics.median(t - f for t, f in zip(v, times["floor"], strict=True)) for k, v in times.items()}
     n_img = case.x.shape[0]
     print(f"\n{name}: N={case.layout.numel / 1e6:.2f}M params in {len(case.layout.names)} tensors, "
           f"K={case.k}, {n_img} images/step, {rounds} rounds on {device}, {torch.get_num_threads()} threads")
-    floor = med["floor"]
     print(f"  {'method':<13}{'step ms':>10}{'overhead ms':>13}{'step/floor':>12}")
     for key, t in med.items():
-        over = "" if key == "floor" else f"{1e3 * (t - floor):13.1f}"
-        print(f"  {key:<13}{1e3 * t:10.1f}{over:>13}{t / floor:12.3f}")
-    ours = med["ours"] - floor
+        cell = "" if key == "floor" else f"{1e3 * over[key]:13.1f}"
+        print(f"  {key:<13}{1e3 * t:10.1f}{cell:>13}{t / med['floor']:12.3f}")
     for key in [k for k in med if k not in ("floor", "fed_floor", "ours")]:
-        other = med[key] - floor
-        ratio = f"{other / ours:.2f}x" if ours > 0 else "n/a (our overhead is within noise)"
+        ratio = f"{over[key] / over['ours']:.2f}x" if over["ours"] > 0 else "n/a (our overhead is within noise)"
         print(f"  overhead {key} / ours: {ratio}; step {key} / ours: {med[key] / med['ours']:.2f}x")
-    return med
+    return med | {f"{k}_overhead": v for k, v in over.items() if k != "floor"}
 
 
 def main() -> None:
@@ -241,8 +255,12 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="encoder compute: fp32, TF32 matmuls, bf16 autocast (every method alike)")
     p.add_argument("--json", type=Path, help="write the medians (seconds) as JSON here")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's malloc defaults instead of the pipeline's (retain_freed_memory)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    tuned = not a.default_malloc and retain_freed_memory()
+    print(f"glibc malloc: {'the pipeline' if tuned else 'default'} settings")
     device = torch.device(a.device)
     if device.type == "cuda":
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, precision {a.precision}")

@@ -149,6 +149,13 @@ class FusedMerge(nn.Module):
         return functional_forward(self.encoder, self.layout, parts, (images,))
 
 
+def lambda_optimizer(model: FusedMerge, settings: Settings) -> torch.optim.Adam:
+    """Adam over the raw coefficients, fused (one kernel for the whole update) on CPU and
+    CUDA: the default for-each Adam costs about 1 ms a step on the CPU for these few values."""
+    fused = model.lambda_raw.device.type in ("cpu", "cuda") or None
+    return torch.optim.Adam([model.lambda_raw], lr=settings.lr, betas=settings.betas, fused=fused)
+
+
 def task_vector_matrix(layout: FlatLayout, base: torch.Tensor, finetuned: Sequence[StateDict]) -> torch.Tensor:
     """(K, N) task vectors theta_k - theta_pre in ``layout`` order, on ``base``'s device."""
     tvs = base.new_empty((len(finetuned), layout.numel))
@@ -230,7 +237,7 @@ def adamerge(variant: str, encoder: nn.Module, finetuned: Sequence[StateDict] | 
         tvs = ties_parts(tvs, s.ties_k)
     model = FusedMerge(encoder.to(device), layout, base, tvs, layer_wise, s.init, s.clamp)
     heads = [h.to(device=device, dtype=torch.float32) for h in heads]
-    optimizer = torch.optim.Adam([model.lambda_raw], lr=s.lr, betas=s.betas)
+    optimizer = lambda_optimizer(model, s)
     generator = torch.Generator().manual_seed(s.seed)
     history = {0: model.lambda_raw.detach().cpu().clone()}
     losses = []  # kept on the device: no host synchronisation per step

@@ -56,14 +56,21 @@ from torch import nn
 from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.functional import FlatLayout  # noqa: E402
-from pipeline.merging.adamerging import (  # noqa: E402
-    PRECISIONS, FusedMerge, Settings, adamerge, compute_precision, entropy_loss, lambda_optimizer)
-from pipeline.models.clip import create_model  # noqa: E402
-from pipeline.runtime import retain_freed_memory  # noqa: E402
+from pipeline.functional import FlatLayout
+from pipeline.merging.adamerging import (
+    PRECISIONS,
+    FusedMerge,
+    Settings,
+    adamerge,
+    compute_precision,
+    entropy_loss,
+    lambda_optimizer,
+)
+from pipeline.models.clip import create_model
+from pipeline.runtime import retain_freed_memory
 
 CONFIGS = {  # name: (arch, tasks, batch size, batches per task, default rounds)
-    "tiny": ("synth-vit-tiny", 8, 16, 2, 40),  # steps of ~70 ms: many rounds against the noise
+    "tiny": ("synth-vit-tiny", 8, 16, 2, 30),  # steps of ~90 ms: many rounds against the noise
     "vit-b-32": ("ViT-B-32", 8, 1, 1, 3),
     "vit-b-32-official": ("ViT-B-32", 8, 16, 2, 10),  # AdaMerging's batches, for a GPU
 }

@@ -18,12 +18,8 @@ untimed step (which pays for the switch from the previous method's memory state)
 * fusion_bench: ``merge_weights()`` then forward, as FusionBench's layer-wise AdaMerging does;
 
 and prints each step's overhead over the floor (the median over rounds of the difference
-within a round) and the ratios. Models: the synthetic tiny
-ViT and an open_clip ViT-B-32 image encoder, K random task vectors. On CPU by default.
-
-The process first sets glibc's malloc as the pipeline's command line does
-(``pipeline.runtime.retain_freed_memory``), for every method alike; ``--default-malloc``
-keeps glibc's defaults, under which page faults move every method's step by several ms.
+within a round) and the ratios. Models: the synthetic tiny ViT and an open_clip ViT-B-32
+image encoder, K random task vectors. On CPU by default.
 
 With ``--e2e-steps N`` it then runs the pipeline's own ``adamerge()`` (layer-wise, N steps,
 the official batches: two of 16 images per task) end to end on the device and prints its
@@ -67,7 +63,6 @@ from pipeline.merging.adamerging import (
     lambda_optimizer,
 )
 from pipeline.models.clip import create_model
-from pipeline.runtime import retain_freed_memory
 
 CONFIGS = {  # name: (arch, tasks, batch size, batches per task, default rounds)
     "tiny": ("synth-vit-tiny", 8, 16, 2, 30),  # steps of ~90 ms: many rounds against the noise
@@ -262,12 +257,8 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="encoder compute: fp32, TF32 matmuls, bf16 autocast (every method alike)")
     p.add_argument("--json", type=Path, help="write the medians (seconds) as JSON here")
-    p.add_argument("--default-malloc", action="store_true",
-                   help="keep glibc's malloc defaults instead of the pipeline's (retain_freed_memory)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    tuned = not a.default_malloc and retain_freed_memory()
-    print(f"glibc malloc: {'the pipeline' if tuned else 'default'} settings")
     device = torch.device(a.device)
     if device.type == "cuda":
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, precision {a.precision}")

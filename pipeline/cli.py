@@ -15,8 +15,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline.runtime import retain_freed_memory
-
 log = logging.getLogger("pipeline")
 
 
@@ -319,5 +317,4 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     _threads(args.threads)
-    retain_freed_memory()
     args.fn(args)

@@ -201,15 +201,18 @@ def end_to_end(case: Case, steps: int, precision: str, variant: str = "layer_wis
 def bench(name: str, device: torch.device, rounds: int, with_fb: bool, precision: str,
           e2e_steps: int = 0) -> dict[str, float]:
     with compute_precision(precision, device):
-        med = bench_steps(name, device, rounds, with_fb)
+        med, over = bench_steps(name, device, rounds, with_fb)
+    result = med | {f"{k}_overhead": v for k, v in over.items() if k != "floor"}
     if e2e_steps:
-        for key, t in [(k, t) for k, t in med.items() if not k.endswith("_overhead")]:
+        for key, t in med.items():
             print(f"  {e2e_steps} steps of {key} (median step x {e2e_steps}): {t * e2e_steps:.1f} s")
-        med["end_to_end_s"] = end_to_end(Case(name, device), e2e_steps, precision)
-    return med
+        result["end_to_end_s"] = end_to_end(Case(name, device), e2e_steps, precision)
+    return result
 
 
-def bench_steps(name: str, device: torch.device, rounds: int, with_fb: bool) -> dict[str, float]:
+def bench_steps(name: str, device: torch.device, rounds: int,
+                with_fb: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """Per method, the median step time and the overhead over the floor (seconds)."""
     case = Case(name, device)
     steps = {"floor": floor_step(case), "fed_floor": fed_floor_step(case), "ours": ours_step(case),
              "naive": naive_step(case)}
@@ -243,7 +246,7 @@ def bench_steps(name: str, device: torch.device, rounds: int, with_fb: bool) -> 
     for key in [k for k in med if k not in ("floor", "fed_floor", "ours")]:
         ratio = f"{over[key] / over['ours']:.2f}x" if over["ours"] > 0 else "n/a (our overhead is within noise)"
         print(f"  overhead {key} / ours: {ratio}; step {key} / ours: {med[key] / med['ours']:.2f}x")
-    return med | {f"{k}_overhead": v for k, v in over.items() if k != "floor"}
+    return med, over
 
 
 def main() -> None:

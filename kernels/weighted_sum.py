@@ -236,11 +236,13 @@ class SegmentWeightedSumFunction(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor | None):
         (tvs,) = ctx.saved_tensors
         dtype, lambdas_dtype = ctx.dtypes
-        grad_lam = torch.zeros((len(grads), tvs.shape[0]), dtype=dtype, device=tvs.device)  # (L, K)
-        for g, t, row in zip(grads, tvs.to(dtype).split(ctx.sizes, dim=1), grad_lam.unbind(0)):
-            if g is not None and g.numel():
-                torch.mv(t, g.reshape(-1).to(dtype), out=row)
-        return None, None, grad_lam.t().to(lambdas_dtype), None
+        # one call per segment and nothing else: each no-op reshape or cast is a dispatch,
+        # and these run with cold caches right after the encoder's backward
+        zero = tvs.new_zeros(tvs.shape[0], dtype=dtype)
+        columns = [zero if g is None else torch.mv(t, g if g.dtype == dtype else g.to(dtype))
+                   for g, t in zip(grads, tvs.to(dtype).split(ctx.sizes, dim=1))]
+        grad_lam = torch.stack(columns, 1)  # (K, L)
+        return None, None, grad_lam if lambdas_dtype == dtype else grad_lam.to(lambdas_dtype), None
 
 
 def weighted_sum_segments(base: torch.Tensor, tvs: torch.Tensor, lambdas: torch.Tensor,

@@ -3,7 +3,7 @@ rebuild and FusionBench's ``LayerWiseMergedModel`` (when ``fusion_bench`` is imp
 
 For each model it times, on one fixed batch, rounds in which each method in turn runs one
 untimed step (which pays for the switch from the previous method's memory state) and then
-``TIMED_STEPS`` consecutive timed steps, as a training loop runs them (medians over rounds):
+``--timed-steps`` consecutive timed steps, as a training loop runs them (medians over rounds):
 
 * floor: one forward + backward of the encoder with fixed weights (weight gradients on,
   released at the end of the step), the same entropy loss: what any AdaMerging step must at
@@ -18,7 +18,8 @@ untimed step (which pays for the switch from the previous method's memory state)
 * fusion_bench: ``merge_weights()`` then forward, as FusionBench's layer-wise AdaMerging does;
 
 and prints each step's overhead over the floor (the median over rounds of the difference
-within a round) and the ratios. Models: the synthetic tiny ViT and an open_clip ViT-B-32
+within a round) and the ratios of the peers' overheads to ours, each with a 90% bootstrap
+interval over rounds (how far the ratio moves on this machine's noise). Models: the synthetic tiny ViT and an open_clip ViT-B-32
 image encoder, K random task vectors. On CPU by default.
 
 With ``--e2e-steps N`` it then runs the pipeline's own ``adamerge()`` (layer-wise, N steps,
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import statistics
 import sys
 import time
@@ -65,12 +67,13 @@ from pipeline.merging.adamerging import (
 from pipeline.models.clip import create_model
 
 CONFIGS = {  # name: (arch, tasks, batch size, batches per task, default rounds)
-    "tiny": ("synth-vit-tiny", 8, 16, 2, 30),  # steps of ~90 ms: many rounds against the noise
-    "vit-b-32": ("ViT-B-32", 8, 1, 1, 3),
+    "tiny": ("synth-vit-tiny", 8, 16, 2, 40),  # steps of ~80 ms with ~3 ms of noise: many rounds
+    "vit-b-32": ("ViT-B-32", 8, 1, 1, 4),
     "vit-b-32-official": ("ViT-B-32", 8, 16, 2, 10),  # AdaMerging's batches, for a GPU
 }
 CPU_CONFIGS = ["tiny", "vit-b-32"]
-TIMED_STEPS = 2  # per method and round, after one untimed step: consecutive steps, as in a training loop
+TIMED_STEPS = 4  # per method and round, after one untimed step: consecutive steps, as in a training loop
+BOOTSTRAP = 2000  # resamples of the rounds for the ratios' intervals
 CLASSES = 10
 
 
@@ -198,10 +201,10 @@ def end_to_end(case: Case, steps: int, precision: str, variant: str = "layer_wis
     return seconds
 
 
-def bench(name: str, device: torch.device, rounds: int, with_fb: bool, precision: str,
+def bench(name: str, device: torch.device, rounds: int, timed_steps: int, with_fb: bool, precision: str,
           e2e_steps: int = 0) -> dict[str, float]:
     with compute_precision(precision, device):
-        med, over = bench_steps(name, device, rounds, with_fb)
+        med, over = bench_steps(name, device, rounds, timed_steps, with_fb)
     result = med | {f"{k}_overhead": v for k, v in over.items() if k != "floor"}
     if e2e_steps:
         for key, t in med.items():
@@ -210,7 +213,24 @@ def bench(name: str, device: torch.device, rounds: int, with_fb: bool, precision
     return result
 
 
-def bench_steps(name: str, device: torch.device, rounds: int,
+def overhead_ratio_interval(peer: list[float], ours: list[float], seed: int = 0) -> tuple[float, float]:
+    """5th and 95th percentiles of median(peer) / median(ours) over bootstrap resamples of
+    the rounds (per-round overheads, resampled in pairs)."""
+    rng = random.Random(seed)
+    n = len(ours)
+    ratios = []
+    for _ in range(BOOTSTRAP):
+        idx = rng.choices(range(n), k=n)
+        mine = statistics.median(ours[i] for i in idx)
+        if mine > 0:
+            ratios.append(statistics.median(peer[i] for i in idx) / mine)
+    if len(ratios) < BOOTSTRAP // 2:  # our overhead is within the noise in most resamples
+        return float("nan"), float("nan")
+    ratios.sort()
+    return ratios[len(ratios) // 20], ratios[-(len(ratios) // 20) - 1]
+
+
+def bench_steps(name: str, device: torch.device, rounds: int, timed_steps: int,
                 with_fb: bool) -> tuple[dict[str, float], dict[str, float]]:
     """Per method, the median step time and the overhead over the floor (seconds)."""
     case = Case(name, device)
@@ -225,7 +245,7 @@ def bench_steps(name: str, device: torch.device, rounds: int,
             fn = steps[key]
             fn()  # settles what the previous method left in the caches and the heap: not timed
             turn = []
-            for _ in range(TIMED_STEPS):
+            for _ in range(timed_steps):
                 _sync(device)
                 start = time.perf_counter()
                 fn()
@@ -233,18 +253,24 @@ def bench_steps(name: str, device: torch.device, rounds: int,
                 turn.append(time.perf_counter() - start)
             times[key].append(statistics.median(turn))
     med = {k: statistics.median(v) for k, v in times.items()}
-    # overhead: the median over rounds of (method - floor) within a round, so that the
-    # machine's drift over the run (steps slow down or speed up by 10-20%) cancels
-    over = {k: statistics.median(t - f for t, f in zip(v, times["floor"], strict=True)) for k, v in times.items()}
+    # overhead: per round the method's step minus the floor's, so that the machine's drift
+    # over the run (steps slow down or speed up by 10-20%) cancels; the median over rounds
+    per_round = {k: [t - f for t, f in zip(v, times["floor"], strict=True)] for k, v in times.items()}
+    over = {k: statistics.median(v) for k, v in per_round.items()}
     n_img = case.x.shape[0]
     print(f"\n{name}: N={case.layout.numel / 1e6:.2f}M params in {len(case.layout.names)} tensors, "
-          f"K={case.k}, {n_img} images/step, {rounds} rounds on {device}, {torch.get_num_threads()} threads")
+          f"K={case.k}, {n_img} images/step, {rounds} rounds of {timed_steps} timed steps on {device}, "
+          f"{torch.get_num_threads()} threads")
     print(f"  {'method':<13}{'step ms':>10}{'overhead ms':>13}{'step/floor':>12}")
     for key, t in med.items():
         cell = "" if key == "floor" else f"{1e3 * over[key]:13.1f}"
         print(f"  {key:<13}{1e3 * t:10.1f}{cell:>13}{t / med['floor']:12.3f}")
     for key in [k for k in med if k not in ("floor", "fed_floor", "ours")]:
-        ratio = f"{over[key] / over['ours']:.2f}x" if over["ours"] > 0 else "n/a (our overhead is within noise)"
+        if over["ours"] > 0:
+            low, high = overhead_ratio_interval(per_round[key], per_round["ours"])
+            ratio = f"{over[key] / over['ours']:.2f}x (90% bootstrap interval {low:.2f}x-{high:.2f}x)"
+        else:
+            ratio = "n/a (our overhead is within noise)"
         print(f"  overhead {key} / ours: {ratio}; step {key} / ours: {med[key] / med['ours']:.2f}x")
     return med, over
 
@@ -252,7 +278,9 @@ def bench_steps(name: str, device: torch.device, rounds: int,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=CPU_CONFIGS, choices=list(CONFIGS))
-    p.add_argument("--rounds", type=int, help="timed rounds per method (default: per config, 3 to 40)")
+    p.add_argument("--rounds", type=int, help="rounds per method (default: per config, 4 to 40)")
+    p.add_argument("--timed-steps", type=int, default=TIMED_STEPS,
+                   help="consecutive timed steps per method and round, after one untimed step")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--e2e-steps", type=int, default=0,
@@ -261,12 +289,15 @@ def main() -> None:
                    help="encoder compute: fp32, TF32 matmuls, bf16 autocast (every method alike)")
     p.add_argument("--json", type=Path, help="write the medians (seconds) as JSON here")
     a = p.parse_args()
+    if a.timed_steps < 1 or (a.rounds is not None and a.rounds < 1):
+        p.error("--rounds and --timed-steps need at least 1")
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     if device.type == "cuda":
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, precision {a.precision}")
     with_fb = fusion_bench_available()
-    results = {name: bench(name, device, a.rounds or CONFIGS[name][-1], with_fb, a.precision, a.e2e_steps)
+    results = {name: bench(name, device, a.rounds or CONFIGS[name][-1], a.timed_steps, with_fb, a.precision,
+                           a.e2e_steps)
                for name in a.configs}
     if a.json:
         a.json.write_text(json.dumps({"device": str(device), "precision": a.precision,

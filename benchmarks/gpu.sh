@@ -39,7 +39,7 @@ fi
 ada_rc=0
 for precision in ${PRECISIONS:-fp32 tf32 bf16}; do
     timeout "${ADA_TIMEOUT:-210}" "$PYTHON" benchmarks/bench_adamerging.py --configs vit-b-32-official \
-        --device cuda --rounds 10 --e2e-steps 500 --precision "$precision" \
+        --device cuda --rounds 10 --timed-steps 2 --e2e-steps 500 --precision "$precision" \
         --json "$OUT/bench_adamerging_$precision.json" 2>&1 | grep -v "No pretrained weights" | tee -a "$OUT/bench_adamerging.log"
     rc=${PIPESTATUS[0]}
     [ "$rc" -ne 0 ] && ada_rc=$rc

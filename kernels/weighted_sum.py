@@ -16,7 +16,7 @@ program reads K lambda scalars instead of a per-element segment index.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import pairwise
 
 import torch
@@ -213,6 +213,13 @@ def weighted_sum(base: torch.Tensor, tvs: torch.Tensor, lambdas: torch.Tensor,
     return WeightedSumFunction.apply(base, tvs, lambdas, offsets)
 
 
+def _split_as(x: torch.Tensor, sizes: list[int], dim: int, dtype: torch.dtype) -> Iterable[torch.Tensor]:
+    """``x.split(sizes, dim)`` in ``dtype``, one part converted at a time: never a converted
+    copy of the whole task-vector matrix (views when ``x`` already has ``dtype``)."""
+    parts = x.split(sizes, dim)
+    return parts if x.dtype == dtype else (p.to(dtype) for p in parts)
+
+
 class SegmentWeightedSumFunction(torch.autograd.Function):
     """The weighted sum as one output tensor per segment (torch, for the CPU): forward one
     matrix-vector product per segment into its own tensor, backward one per segment from
@@ -228,7 +235,7 @@ class SegmentWeightedSumFunction(torch.autograd.Function):
         ctx.dtypes = base.dtype, lambdas.dtype
         ctx.set_materialize_grads(False)
         columns = lambdas.detach().to(base.dtype).unbind(1)
-        tv_parts = tvs.t().to(base.dtype).split(sizes)  # (size_l, K) views when tvs has base's dtype
+        tv_parts = _split_as(tvs.t(), sizes, 0, base.dtype)  # (size_l, K)
         return tuple(torch.addmv(b, t, lam) for b, t, lam in zip(base.split(sizes), tv_parts, columns))
 
     @staticmethod
@@ -240,7 +247,7 @@ class SegmentWeightedSumFunction(torch.autograd.Function):
         # and these run with cold caches right after the encoder's backward
         zero = tvs.new_zeros(tvs.shape[0], dtype=dtype)
         columns = [zero if g is None else torch.mv(t, g if g.dtype == dtype else g.to(dtype))
-                   for g, t in zip(grads, tvs.to(dtype).split(ctx.sizes, dim=1))]
+                   for g, t in zip(grads, _split_as(tvs, ctx.sizes, 1, dtype))]
         grad_lam = torch.stack(columns, 1)  # (K, L)
         return None, None, grad_lam if lambdas_dtype == dtype else grad_lam.to(lambdas_dtype), None
 

@@ -92,13 +92,15 @@ def test_gradcheck_twin_float64():
         lambda lam: weighted_sum(base, tvs, lam, offsets, backend="torch"), (lambdas,))
 
 
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_segments_match_flat_twin(layout, backend, device):
+def test_segments_match_flat_twin(layout, backend, dtype, device):
     """One tensor per segment (the CPU's per-segment Function, or views of Triton's output):
-    same values and lambda gradient as the flat twin; a segment without gradient gets zeros."""
+    same values and lambda gradient as the flat twin, for fp32 and half-precision task
+    vectors; a segment without gradient gets zeros."""
     offsets = LAYOUTS[layout]
-    base, tvs, lambdas, grad_out = _inputs(offsets, 3, torch.float32, device, seed=3)
+    base, tvs, lambdas, grad_out = _inputs(offsets, 3, dtype, device, seed=3)
     parts = ws.weighted_sum_segments(base, tvs, lambdas, offsets, backend=backend)
     assert [p.numel() for p in parts] == [b - a for a, b in pairwise(offsets)]
     grads = list(grad_out.split([p.numel() for p in parts]))
@@ -109,6 +111,7 @@ def test_segments_match_flat_twin(layout, backend, device):
     if unused is not None:
         grads[unused] = torch.zeros_like(grads[unused])
     ref_out, ref_grad = _run("torch", base, tvs, lambdas, offsets, torch.cat(grads))
+    assert all(p.dtype == torch.float32 for p in parts) and grad.dtype == torch.float32
     torch.testing.assert_close(torch.cat([p.detach() for p in parts]), ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-3)
     nonempty = [i for i in used if parts[i].numel()]

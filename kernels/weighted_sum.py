@@ -206,6 +206,12 @@ def weighted_sum(base: torch.Tensor, tvs: torch.Tensor, lambdas: torch.Tensor,
     if resolve_backend(backend, base) == "torch":
         return weighted_sum_reference(base, tvs, lambdas, offsets)
     _check_constants(base, tvs)
+    return _triton_weighted_sum(base, tvs, lambdas, offsets)
+
+
+def _triton_weighted_sum(base: torch.Tensor, tvs: torch.Tensor, lambdas: torch.Tensor,
+                         offsets: tuple[int, ...]) -> torch.Tensor:
+    """``WeightedSumFunction`` after checking what the kernels need of the (checked) inputs."""
     if base.dtype != torch.float32 or tvs.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"base must be fp32 and tvs fp32/bf16/fp16, got {base.dtype}, {tvs.dtype}")
     if not base.is_contiguous() or tvs.stride(1) != 1:
@@ -264,4 +270,4 @@ def weighted_sum_segments(base: torch.Tensor, tvs: torch.Tensor, lambdas: torch.
     sizes = [b - a for a, b in pairwise(offsets)]
     if resolve_backend(backend, base) == "torch":
         return list(SegmentWeightedSumFunction.apply(base, tvs, lambdas, sizes))
-    return list(weighted_sum(base, tvs, lambdas, offsets, backend="triton").split(sizes))
+    return list(_triton_weighted_sum(base, tvs, lambdas, offsets).split(sizes))

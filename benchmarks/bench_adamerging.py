@@ -19,8 +19,9 @@ untimed step (which pays for the switch from the previous method's memory state)
 
 and prints each step's overhead over the floor (the median over rounds of the difference
 within a round) and the ratios of the peers' overheads to ours, each with a 90% bootstrap
-interval over rounds (how far the ratio moves on this machine's noise). Models: the synthetic tiny ViT and an open_clip ViT-B-32
-image encoder, K random task vectors. On CPU by default.
+interval over rounds (how far the ratio moves on this machine's noise). Models: the
+synthetic tiny ViT and an open_clip ViT-B-32 image encoder, K random task vectors. On CPU
+by default.
 
 With ``--e2e-steps N`` it then runs the pipeline's own ``adamerge()`` (layer-wise, N steps,
 the official batches: two of 16 images per task) end to end on the device and prints its

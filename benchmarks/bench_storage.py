@@ -68,7 +68,8 @@ def zoo_rows(workdir: Path) -> list[dict]:
     stores of the demo zoo's task vectors in each element type."""
     from pipeline.data.tasks import load_split
     from pipeline.evaluation import accuracy
-    from pipeline.merging import apply_vector, task_arithmetic, ties_merging
+    from pipeline.merging import default_device, registry
+    from pipeline.merging.contract import Inputs
     from pipeline.zoo.store import load_clip, load_encoder_state, load_head
 
     zoo = yaml.safe_load((REPO / "config/config.yaml").read_text())["zoo"]
@@ -87,9 +88,10 @@ def zoo_rows(workdir: Path) -> list[dict]:
             path = models / f"finetuned/{t}.safetensors"
             write_task_vector(root, t, pre, load_encoder_state(path), path, storage=Storage(dtype))
         store = TaskVectorStore(root, zoo["tasks"])
-        for method, vector in (("task_arithmetic", task_arithmetic.vector(store)),
-                               ("ties_merging", ties_merging.vector(store, 20, "mean"))):
-            clip.visual.load_state_dict(apply_vector(pre, vector, 0.3))
+        for method in ("task_arithmetic", "ties_merging"):
+            spec = registry.method(method)
+            inputs = Inputs(pre, store.tasks, store, device=default_device())
+            clip.visual.load_state_dict(spec.run(inputs, spec.configure(lam=0.3)).state_dict())
             accs = {t: accuracy(clip.visual, head, split)["accuracy"] for t, (head, split) in tests.items()}
             row = {"storage": dtype, "method": method, "avg": sum(accs.values()) / len(accs), **accs}
             rows.append(row)

@@ -1,7 +1,6 @@
 """AdaMerging on the tiny synthetic ViT: the fused flat-vector path against a naive state-dict
 rebuild, clamping, entropy descent, AdaMerging++ inputs, outputs and the CLI verb."""
 
-import argparse
 import itertools
 import json
 
@@ -12,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch.func import functional_call
 
+from pipeline.cli import main
 from pipeline.functional import FlatLayout
 from pipeline.merging import adamerging as am
 from pipeline.models.checkpoints import save_state_dict
@@ -186,19 +186,16 @@ def test_cli_writes_model_lambdas_and_entropy(zoo, tmp_path):
         files["finetuned"].append(str(tmp_path / f"ft{t}.safetensors"))
         files["heads"].append(str(tmp_path / f"head{t}.safetensors"))
         files["data"].append(str(tmp_path / f"t{t}.npz"))
-    parser = argparse.ArgumentParser()
-    am.add_adamerging_verb(parser.add_subparsers(dest="verb"))
     zoo_cfg = {"name": "t", "source": "synthetic", "arch": "synth-vit-tiny", "seed": 0}
     out = tmp_path / "out"
-    args = parser.parse_args([
+    main([
         "adamerge", "--zoo", json.dumps(zoo_cfg), "--variant", "task_wise_plus",
         "--pretrained", str(tmp_path / "pretrained.safetensors"), "--finetuned", *files["finetuned"],
         "--heads", *files["heads"], "--tasks", "a", "b", "--data", *files["data"],
         "--settings", json.dumps({"steps": 3, "log_every": 2}), "--max-images", "10", "--device", "cpu",
         "--out", str(out / "model.safetensors"), "--lambdas", str(out / "lambdas.parquet"),
-        "--entropy", str(out / "entropy.parquet"),
+        "--entropy", str(out / "entropy.parquet"), "--threads", "1",
     ])
-    args.fn(args)
     merged = load_file(str(out / "model.safetensors"))
     assert merged.keys() == pre.keys()
     lam = pd.read_parquet(out / "lambdas.parquet")

@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import save_file
 from test_store import CHUNK_MIB, encoder_state, finetune
 
-from pipeline.merging import task_arithmetic, task_negation, ties_merging, weight_averaging
+from pipeline.merging import registry
+from pipeline.merging.contract import Inputs
 from pipeline.store.task_vectors import TaskVectorStore, write_task_vector
 
 TASKS = ("a", "b", "c", "d")
@@ -24,6 +25,18 @@ def zoo(tmp_path):
     pre = encoder_state()
     fts = {t: finetune(pre, i + 1) for i, t in enumerate(TASKS)}
     return pre, fts, make_store(tmp_path, fts, pre)
+
+
+def merged(name: str, pre: dict, store: TaskVectorStore, **settings) -> dict:
+    """The merge of method ``name`` through its registry entry, as production runs it."""
+    spec = registry.method(name)
+    return spec.run(Inputs(pre, store.tasks, store), spec.configure(settings)).state_dict()
+
+
+def vector(name: str, store: TaskVectorStore, **settings) -> dict:
+    """The merged task vector of a searched method (before its lambda)."""
+    spec = registry.method(name)
+    return spec.run(Inputs({}, store.tasks, store), spec.configure(settings)).vector()
 
 
 def float_keys(pre):
@@ -76,7 +89,7 @@ def test_weight_averaging(zoo):
     pre, fts, store = zoo
     expected = {k: torch.stack([ft[k].float() for ft in fts.values()]).mean(0).to(v.dtype)
                 if v.is_floating_point() else v for k, v in pre.items()}
-    got = weight_averaging.merge(pre, store)
+    got = merged("weight_averaging", pre, store)
     assert_state_close({k: v for k, v in got.items() if k != "half.weight"},
                        {k: v for k, v in expected.items() if k != "half.weight"})
     torch.testing.assert_close(got["half.weight"], expected["half.weight"], rtol=1e-3, atol=1e-3)  # fp16 rounding
@@ -85,7 +98,7 @@ def test_weight_averaging(zoo):
 @pytest.mark.parametrize("lam", [0.3, 1.0])
 def test_task_arithmetic_exact(zoo, lam):
     pre, fts, store = zoo
-    assert_state_close(task_arithmetic.merge(pre, store, lam), unflatten(pre, dense_tvs(pre, fts).sum(0), lam),
+    assert_state_close(merged("task_arithmetic", pre, store, lam=lam), unflatten(pre, dense_tvs(pre, fts).sum(0), lam),
                        exact=True)
 
 
@@ -93,9 +106,9 @@ def test_task_negation_subtracts(zoo, tmp_path):
     pre, fts, _ = zoo
     only_a = TaskVectorStore(tmp_path / "tv.zarr", ["a"])
     tvs = dense_tvs(pre, {"a": fts["a"]})
-    assert_state_close(task_negation.merge(pre, only_a, -0.5), unflatten(pre, tvs[0], -0.5), exact=True)
+    assert_state_close(merged("task_negation", pre, only_a, lam=-0.5), unflatten(pre, tvs[0], -0.5), exact=True)
     with pytest.raises(ValueError, match="negative lambda"):
-        task_negation.merge(pre, only_a, 0.5)
+        merged("task_negation", pre, only_a, lam=0.5)
 
 
 @pytest.mark.parametrize("merge", ["mean", "sum"])
@@ -103,7 +116,7 @@ def test_task_negation_subtracts(zoo, tmp_path):
 def test_ties_matches_dense(zoo, k, merge):
     pre, fts, store = zoo
     expected = unflatten(pre, dense_ties(dense_tvs(pre, fts), k, merge), 0.3)
-    assert_state_close(ties_merging.merge(pre, store, k, merge, 0.3), expected)
+    assert_state_close(merged("ties_merging", pre, store, k=k, merge=merge, lam=0.3), expected)
 
 
 @pytest.mark.parametrize("merge", ["mean", "sum"])
@@ -122,7 +135,7 @@ def test_ties_keeps_exactly_with_ties_and_zero_signs(tmp_path, k, merge):
     store = make_store(tmp_path, fts, pre)
     tvs = dense_tvs(pre, fts)
     expected = dense_ties(tvs, k, merge)
-    got = ties_merging.vector(store, k, merge)
+    got = vector("ties_merging", store, k=k, merge=merge)
     flat = torch.cat([got[key].reshape(-1) for key in store.keys])
     assert torch.equal(flat, expected)
     zero_sign = (tvs[0] == -tvs[1]) & (tvs[2] == -tvs[3])
@@ -132,9 +145,9 @@ def test_ties_keeps_exactly_with_ties_and_zero_signs(tmp_path, k, merge):
 def test_ties_rejects_bad_settings(zoo):
     _, _, store = zoo
     with pytest.raises(ValueError, match="mean"):
-        ties_merging.vector(store, 20, "max")
+        vector("ties_merging", store, k=20, merge="max")
     with pytest.raises(ValueError, match="percentage"):
-        ties_merging.vector(store, 120, "mean")
+        vector("ties_merging", store, k=120, merge="mean")
 
 
 # ---- methods that read models and data -------------------------------------------------------
@@ -143,7 +156,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
 from pipeline.evaluation import accuracy  # noqa: E402
-from pipeline.merging import fisher_merging, multitask, regmean  # noqa: E402
+from pipeline.merging import fisher_merging, regmean  # noqa: E402
 
 
 def test_regmean_linear_equals_joint_least_squares():
@@ -153,8 +166,9 @@ def test_regmean_linear_equals_joint_least_squares():
     for _ in range(3):
         states.append({"0.weight": torch.randn(4, 6, generator=g)})
         data.append(torch.randn(40, 6, generator=g) * torch.rand(6, generator=g))
-    tasks = [(str(i), s, None, TensorDataset(x, torch.zeros(len(x)))) for i, (s, x) in enumerate(zip(states, data))]
-    merged = regmean.merge(encoder, tasks, examples=40, alpha=1.0)
+    inputs = Inputs({}, [str(i) for i in range(3)], encoder=encoder, finetuned=states,
+                    train=[TensorDataset(x, torch.zeros(len(x))) for x in data])
+    merged = registry.method("regmean").run(inputs, regmean.Settings(examples=40, alpha=1.0)).state_dict()
     x = torch.cat(data).double()
     y = torch.cat([xk.double() @ s["0.weight"].double().T for xk, s in zip(data, states)])
     expected = torch.linalg.lstsq(x, y).solution.T.float()
@@ -237,10 +251,11 @@ def test_fisher_weights_follow_the_data():
     assert all((f >= 0).all() and f.sum() > 0 for f in fisher.values())
     # a model that is unchanged by fine-tuning is returned unchanged
     state = {k: v.clone() for k, v in encoder.state_dict().items()}
-    merged = fisher_merging.merge(encoder, [("a", state, head, TensorDataset(x, y)), ("b", state, -head, TensorDataset(x, y))],
-                                  examples=16)
+    inputs = Inputs({}, ["a", "b"], encoder=encoder, finetuned=[state, state], heads=[head, -head],
+                    train=[TensorDataset(x, y)] * 2)
+    got = registry.method("fisher_merging").run(inputs, fisher_merging.Settings(examples=16)).state_dict()
     for k in state:
-        torch.testing.assert_close(merged[k], state[k])
+        torch.testing.assert_close(got[k], state[k])
 
 
 FT_CFG = {"steps": 40, "batch_size": 32, "lr": 0.05, "weight_decay": 0.0, "warmup": 2}
@@ -255,12 +270,20 @@ def _tiny_zoo():
     return encoder, pretrained, heads, data
 
 
+def train_jointly(encoder, heads, data) -> dict:
+    """Multi-task learning through its registry entry."""
+    spec = registry.method("multitask")
+    inputs = Inputs({}, [str(i) for i in range(len(heads))], encoder=encoder, heads=heads,
+                    train=[TensorDataset(*d) for d in data], progress=False)
+    return spec.run(inputs, spec.configure(FT_CFG)).state_dict()
+
+
 def test_task_negation_lowers_the_negated_task(tmp_path):
     encoder, pre, heads, data = _tiny_zoo()
-    tuned = multitask.merge(encoder, [(heads[0], *data[0])], FT_CFG, seed=0, progress=False)
+    tuned = train_jointly(encoder, heads[:1], data[:1])
     save_file(tuned, tmp_path / "a.safetensors")
     write_task_vector(tmp_path / "tv.zarr", "a", pre, tuned, tmp_path / "a.safetensors")
-    negated = task_negation.merge(pre, TaskVectorStore(tmp_path / "tv.zarr", ["a"]), -1.0)
+    negated = merged("task_negation", pre, TaskVectorStore(tmp_path / "tv.zarr", ["a"]), lam=-1.0)
 
     def acc(state):
         encoder.load_state_dict(state)
@@ -272,7 +295,7 @@ def test_task_negation_lowers_the_negated_task(tmp_path):
 def test_multitask_learns_every_task():
     encoder, pre, heads, data = _tiny_zoo()
     before = [accuracy(encoder, h, TensorDataset(*d))["accuracy"] for h, d in zip(heads, data)]
-    state = multitask.merge(encoder, [(h, *d) for h, d in zip(heads, data)], FT_CFG, seed=0, progress=False)
+    state = train_jointly(encoder, heads, data)
     encoder.load_state_dict(state)
     after = [accuracy(encoder, h, TensorDataset(*d))["accuracy"] for h, d in zip(heads, data)]
     assert all(a > 85 and a > b for a, b in zip(after, before)), (before, after)
@@ -346,7 +369,7 @@ def test_cli_verbs(fake_zoo):
     assert record["settings"]["lam"] == best and record["tasks"] == tasks
     from pipeline.zoo.store import load_clip, load_encoder_state
     pretrained = load_clip({"arch": "synth-vit-tiny"}, root / "pretrained.safetensors").visual.state_dict()
-    expected = ties_merging.merge(pretrained, TaskVectorStore(root / "tv.zarr", tasks), 20, "mean", best)
+    expected = merged("ties_merging", pretrained, TaskVectorStore(root / "tv.zarr", tasks), k=20, merge="mean", lam=best)
     assert_state_close(load_encoder_state(root / "ties.safetensors"), expected, exact=True)
     # every grid point is evaluated from the pretrained weights, not from the previous point
     main(["lambda-search", *base, "--method", "task_arithmetic", "--task-vectors", *tvs, *heads_data,
@@ -355,10 +378,11 @@ def test_cli_verbs(fake_zoo):
     ta = pd.read_parquet(root / "ta.parquet")
     torch.testing.assert_close(ta["accuracy"].tolist(), search[search["lambda"] == 0.5]["accuracy"].tolist())
     for method, settings in (("fisher_merging", '{"examples": 4}'), ("regmean", '{"examples": 8}')):
-        main(["merge-with-data", *base, "--method", method, "--tasks", *tasks,
+        main(["merge", *base, "--method", method, "--tasks", *tasks,
               "--finetuned", *[str(root / f"{t}.safetensors") for t in tasks], *heads_data,
               "--settings", settings, "--out", str(root / f"{method}.safetensors")])
-    main(["multitask", *base, "--tasks", *tasks, *heads_data, "--out", str(root / "mtl.safetensors")])
+    main(["merge", *base, "--method", "multitask", "--tasks", *tasks, *heads_data,
+          "--settings", json.dumps(FT_CFG | {"steps": 2}), "--out", str(root / "mtl.safetensors")])
     reference = load_encoder_state(root / "colour.safetensors")
     for name in ("wa", "neg", "ties", "fisher_merging", "regmean", "mtl"):
         state = load_encoder_state(root / f"{name}.safetensors")

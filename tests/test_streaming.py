@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kernels import ties_merge, ties_thresholds
-from pipeline.merging import apply_vector, task_arithmetic, task_negation, ties_merging, weight_averaging
+from pipeline.merging import apply_vector, registry
+from pipeline.merging.contract import Inputs
 from pipeline.store.streaming import (Linear, Reader, Ties, exact_thresholds, merge_to_file,
                                       merge_to_memory)
 from pipeline.store.task_vectors import Storage, TaskVectorStore, write_diffs
@@ -54,19 +55,25 @@ def task_vectors(kind: str = "randn", k: int = 5, seed: int = 1) -> torch.Tensor
     return torch.randn(k, n_total(), generator=g)
 
 
+def merged(name: str, pre: dict, store: TaskVectorStore, **settings) -> dict:
+    """The merge of method ``name`` through its registry entry, in memory."""
+    spec = registry.method(name)
+    return spec.run(Inputs(pre, store.tasks, store), spec.configure(settings)).state_dict()
+
+
 @pytest.mark.parametrize("chunk", [1, 37, 1000])
 def test_linear_methods_stream_like_dense(tmp_path, chunk):
     tvs = task_vectors()
     store = make_store(tmp_path / "tv.zarr", tvs, chunk)
     pre = pretrained_state()
     dense = {"wa": tvs.mean(0), "ta": 0.3 * tvs.sum(0), "neg": -1.0 * tvs.sum(0)}
-    got = {"wa": weight_averaging.merge(pre, store), "ta": task_arithmetic.merge(pre, store, 0.3),
-           "neg": task_negation.merge(pre, store, -1.0)}
-    for name, merged in got.items():
+    got = {"wa": merged("weight_averaging", pre, store), "ta": merged("task_arithmetic", pre, store, lam=0.3),
+           "neg": merged("task_negation", pre, store, lam=-1.0)}
+    for name, state in got.items():
         expected = apply_vector(pre, {k: v.view(s) for (k, s), v in
                                       zip(SHAPES.items(), dense[name].split([torch.Size(s).numel() for s in SHAPES.values()]))}, 1.0)
         for key in pre:
-            torch.testing.assert_close(merged[key], expected[key], rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
+            torch.testing.assert_close(state[key], expected[key], rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
     coeffs = {key: torch.rand(len(TASKS), generator=torch.Generator().manual_seed(i)) for i, key in enumerate(SHAPES)}
     layer_wise = flat(merge_to_memory(store, Linear(coeffs), budget_mib=1))
     expected = torch.cat([coeffs[k] @ part for k, part in
@@ -80,7 +87,8 @@ def test_linear_methods_stream_like_dense(tmp_path, chunk):
 def test_ties_streams_bit_identical_to_in_memory(tmp_path, kind, k, merge):
     tvs = task_vectors(kind)
     store = make_store(tmp_path / "tv.zarr", tvs, chunk_elems=41)
-    got = flat(ties_merging.vector(store, k, merge, device=torch.device("cpu")))
+    spec = registry.method("ties_merging")
+    got = flat(spec.run(Inputs({}, store.tasks, store), spec.configure(k=k, merge=merge)).vector())
     assert torch.equal(got, ties_merge(tvs, k, merge, backend="torch"))
 
 
@@ -121,7 +129,7 @@ def test_merge_to_file_writes_every_tensor(tmp_path):
     out = tmp_path / "merged.safetensors"
     summary = merge_to_file(store, Ties(20, "mean", 0.4, band=1.0), pre, out, budget_mib=1,
                             metadata={"method": "ties"})
-    expected = ties_merging.merge(pre, store, 20, "mean", 0.4)
+    expected = merged("ties_merging", pre, store, k=20, merge="mean", lam=0.4)
     written = load_file(out)
     assert sorted(written) == sorted(pre) and all(torch.equal(written[k], expected[k]) for k in pre)
     assert summary["passes"] == 3 and written["half.weight"].dtype == torch.float16

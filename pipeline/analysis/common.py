@@ -28,20 +28,17 @@ STYLE = {
     "savefig.bbox": "tight",
 }
 
-LABELS = {
-    "zeroshot": "Zero-shot", "individual": "Individual", "multitask": "Traditional MTL",
-    "weight_averaging": "Weight Averaging", "fisher_merging": "Fisher Merging", "regmean": "RegMean",
-    "task_arithmetic": "Task Arithmetic", "ties_merging": "TIES-Merging",
-    "adamerging_task_wise": "Task-wise AdaMerging", "adamerging_task_wise_plus": "Task-wise AdaMerging++",
-    "adamerging_layer_wise": "Layer-wise AdaMerging", "adamerging_layer_wise_plus": "Layer-wise AdaMerging++",
-    "pretrained": "Pretrained",
-}
+LABELS = {"zeroshot": "Zero-shot", "individual": "Individual", "pretrained": "Pretrained"}  # models, not methods
 
 
 def label(name: str) -> str:
-    """Display name of a model or method."""
+    """Display name of a model or method (methods: their registry label)."""
+    from pipeline.merging.registry import METHODS
+
     if name in LABELS:
         return LABELS[name]
+    if name in METHODS:
+        return METHODS[name].label
     if name.startswith("finetuned_"):
         return f"FT {name.removeprefix('finetuned_')}"
     return name

@@ -106,7 +106,8 @@ def run(zoo: dict, pretrained: str, store_paths: Sequence[str], finetuned: Seque
     from pathlib import Path
 
     from pipeline.analysis.common import load_encoder, task_splits
-    from pipeline.merging import apply_vector, task_arithmetic, ties_merging
+    from pipeline.merging import default_device, task_arithmetic, ties_merging
+    from pipeline.merging.contract import Inputs
     from pipeline.merging.adamerging import Settings, adamerge
     from pipeline.models.checkpoints import state_dict_hash
     from pipeline.store.task_vectors import TaskVectorStore
@@ -124,9 +125,11 @@ def run(zoo: dict, pretrained: str, store_paths: Sequence[str], finetuned: Seque
                       adaptation_images([d for _, _, d in sets.get("corrupted", clean)], max_images, settings.seed),
                       settings, device=None, progress=False)
     store = TaskVectorStore(Path(store_paths[0]).parent, tasks, base_hash=state_dict_hash(sd))
-    rows = evaluate(encoder, apply_vector(sd, task_arithmetic.vector(store), lambdas["task_arithmetic"]),
+    ta = task_arithmetic.Settings(lam=lambdas["task_arithmetic"])
+    rows = evaluate(encoder, task_arithmetic.run(Inputs(sd, tasks, store), ta).state_dict(),
                     "task_arithmetic", sets, batch_size)
-    rows += evaluate(encoder, apply_vector(sd, ties_merging.vector(store, **ties), lambdas["ties_merging"]),
+    tm = ties_merging.Settings(**ties, lam=lambdas["ties_merging"])
+    rows += evaluate(encoder, ties_merging.run(Inputs(sd, tasks, store, device=default_device()), tm).state_dict(),
                      "ties_merging", sets, batch_size)
     rows += evaluate(encoder, result.state_dict, "adamerging", sets, batch_size)
     return pd.DataFrame(rows).assign(corruption=corruption, severity=0 if corruption == "clean" else severity)[COLUMNS]

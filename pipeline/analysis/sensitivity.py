@@ -64,10 +64,11 @@ def run(zoo: dict, pretrained: str, store_paths: Sequence[str], search_files: Se
         test: bool, batch_size: int) -> pd.DataFrame:
     """The sensitivity table from the lambda-search files (validation) and, with ``test``,
     the same grid evaluated on the test split."""
-    import importlib
     from pathlib import Path
 
     from pipeline.analysis.common import load_encoder, task_splits
+    from pipeline.merging import default_device, registry
+    from pipeline.merging.contract import Inputs
     from pipeline.models.checkpoints import state_dict_hash
     from pipeline.store.task_vectors import TaskVectorStore
 
@@ -79,7 +80,9 @@ def run(zoo: dict, pretrained: str, store_paths: Sequence[str], search_files: Se
         store = TaskVectorStore(Path(store_paths[0]).parent, tasks, base_hash=state_dict_hash(sd))
         splits = task_splits(zoo, tasks, heads, data, "test")
         for method, grid in val.groupby("method"):
-            vector = importlib.import_module(f"pipeline.merging.{method}").vector(store, **settings.get(method, {}))
+            spec = registry.method(method)
+            inputs = Inputs(sd, tasks, store, device=default_device())
+            vector = spec.run(inputs, spec.configure(settings.get(method, {}))).vector()
             parts.append(test_curve(encoder, sd, vector, sorted(grid["lambda"].unique()), splits, method, batch_size))
     refs = pd.concat([pd.read_parquet(f) for f in reference_files], ignore_index=True) if reference_files else \
         pd.DataFrame(columns=["model", "task", "accuracy"])

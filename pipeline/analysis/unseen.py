@@ -35,7 +35,8 @@ def run_baselines(zoo: dict, pretrained: str, store_paths: Sequence[str], tasks:
     from pathlib import Path
 
     from pipeline.analysis.common import load_encoder, task_splits
-    from pipeline.merging import apply_vector, task_arithmetic, ties_merging
+    from pipeline.merging import default_device, task_arithmetic, ties_merging
+    from pipeline.merging.contract import Inputs
     from pipeline.models.checkpoints import state_dict_hash
     from pipeline.store.task_vectors import TaskVectorStore
 
@@ -43,10 +44,12 @@ def run_baselines(zoo: dict, pretrained: str, store_paths: Sequence[str], tasks:
     store = TaskVectorStore(Path(store_paths[0]).parent, [Path(p).name for p in store_paths],
                             base_hash=state_dict_hash(sd))
     splits = task_splits(zoo, tasks, heads, data, "test")
-    rows = _evaluate(encoder, apply_vector(sd, task_arithmetic.vector(store), lambdas["task_arithmetic"]),
+    ta = task_arithmetic.Settings(lam=lambdas["task_arithmetic"])
+    rows = _evaluate(encoder, task_arithmetic.run(Inputs(sd, store.tasks, store), ta).state_dict(),
                      "task_arithmetic", splits, unseen, batch_size)
-    rows += _evaluate(encoder, apply_vector(sd, ties_merging.vector(store, **ties), lambdas["ties_merging"]),
-                      "ties_merging", splits, unseen, batch_size)
+    tm = ties_merging.Settings(**ties, lam=lambdas["ties_merging"])
+    merged = ties_merging.run(Inputs(sd, store.tasks, store, device=default_device()), tm).state_dict()
+    rows += _evaluate(encoder, merged, "ties_merging", splits, unseen, batch_size)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -19,12 +19,8 @@ raw coefficients only.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import json
-import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,10 +31,9 @@ from tqdm import tqdm
 
 from kernels import ties_merge, weighted_sum, weighted_sum_segments
 from pipeline.functional import FlatLayout, functional_forward
-from pipeline.io import write_parquet
+from pipeline.merging.contract import Inputs, MergedState
 from pipeline.models.clip import logits
 
-log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -286,59 +281,17 @@ def entropy_table(result: Result) -> pd.DataFrame:
     return pd.DataFrame({"variant": result.variant, "step": range(len(result.entropy)), "entropy": result.entropy})
 
 
-def add_adamerging_verb(subparsers: argparse._SubParsersAction) -> None:
-    """The ``adamerge`` verb of ``python -m pipeline``."""
-    s = subparsers.add_parser("adamerge", help="learn AdaMerging coefficients and write the merged encoder")
-    s.add_argument("--zoo", type=json.loads, required=True, help="the config's zoo section as JSON")
-    s.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
-    s.add_argument("--variant", choices=sorted(VARIANTS), required=True)
-    s.add_argument("--pretrained", required=True)
-    s.add_argument("--finetuned", nargs="+", required=True)
-    s.add_argument("--heads", nargs="+", required=True)
-    s.add_argument("--tasks", nargs="+", required=True)
-    s.add_argument("--data", nargs="*", default=[], help="synthetic task files, one per task")
-    s.add_argument("--settings", type=json.loads, default={}, help="Settings fields as JSON")
-    s.add_argument("--max-images", type=int, default=0,
-                   help="cache at most this many test images per task (a fixed random subset; 0: all)")
-    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
-    s.add_argument("--out", required=True, help="merged encoder (.safetensors)")
-    s.add_argument("--lambdas", required=True, help="coefficients (.parquet)")
-    s.add_argument("--entropy", required=True, help="entropy curve (.parquet)")
-    s.set_defaults(fn=run_adamerging_cli)
+def runner(variant: str):
+    """The registry entry point of one AdaMerging variant: ``run(inputs, settings)`` learns the
+    coefficients on ``inputs.test`` and returns the merged encoder with the run
+    (``details["result"]``: coefficients and entropy curve)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown AdaMerging variant {variant!r}; known: {sorted(VARIANTS)}")
 
+    def run(inputs: Inputs, settings: Settings = Settings()) -> MergedState:
+        result = adamerge(variant, inputs.encoder, inputs.finetuned, inputs.heads, inputs.test, settings,
+                          device=inputs.device, progress=inputs.progress)
+        return MergedState(result.state_dict, {"result": result})
 
-def run_adamerging_cli(args: argparse.Namespace) -> None:
-    from torch.utils.data import Subset
-
-    from pipeline.data.tasks import as_tensors, load_split
-    from pipeline.models.checkpoints import save_state_dict
-    from pipeline.zoo.store import load_clip, load_encoder_state, load_head
-
-    n = len(args.tasks)
-    if not len(args.finetuned) == len(args.heads) == n or args.data and len(args.data) != n:
-        raise ValueError(f"{n} tasks need as many --finetuned, --heads (and --data) files")
-    settings = Settings.from_dict(args.settings)
-    images = []
-    for task, data_file in zip(args.tasks, args.data or [None] * n):
-        split = load_split(args.zoo, task, "test", data_file)
-        if 0 < args.max_images < len(split):
-            subset = torch.randperm(len(split), generator=torch.Generator().manual_seed(settings.seed))
-            split = Subset(split, subset[: args.max_images].tolist())
-        images.append(as_tensors(split)[0])
-        log.info("task %s: %d unlabeled test images cached", task, len(images[-1]))
-    result = adamerge(
-        args.variant,
-        load_clip(args.zoo, args.pretrained).visual,
-        [load_encoder_state(p) for p in args.finetuned],
-        [load_head(p) for p in args.heads],
-        images,
-        settings,
-        device=None if args.device == "auto" else args.device,
-    )
-    log.info("%s: entropy %.4f -> %.4f, final coefficients in [%.3f, %.3f]", args.variant,
-             result.entropy[0] if result.entropy else float("nan"),
-             result.entropy[-1] if result.entropy else float("nan"),
-             float(result.lambdas.min()), float(result.lambdas.max()))
-    save_state_dict(result.state_dict, args.out)
-    write_parquet(lambda_table(result, args.tasks), args.lambdas)
-    write_parquet(entropy_table(result), args.entropy)
+    run.__qualname__ = f"run_{variant}"
+    return run

@@ -12,6 +12,7 @@ model and its Fisher are in memory at a time.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from pipeline.merging import StateDict
+from pipeline.merging.contract import Inputs, MergedState, StateDict
 from pipeline.models.clip import logits
 
 DEFAULT_EXAMPLES = 256
@@ -67,15 +68,26 @@ def fisher_average(models: Iterable[tuple[Mapping[str, torch.Tensor], Mapping[st
     return {key: (num[key] / den[key]).to(v.dtype) if key in num else v for key, v in first.items()}
 
 
-def merge(encoder: nn.Module, tasks: Iterable[tuple[str, Mapping[str, torch.Tensor], torch.Tensor, Dataset]],
-          examples: int = DEFAULT_EXAMPLES, min_fisher: float = DEFAULT_MIN_FISHER, normalize: bool = True,
-          seed: int = 0) -> StateDict:
-    """Fisher-merge the fine-tuned encoders of ``tasks`` (name, state dict, head, train
-    dataset); ``encoder`` is a module of the architecture, its weights are overwritten."""
+@dataclass(frozen=True)
+class Settings:
+    """``examples``: training examples per task of the Fisher estimate (256: this
+    project's choice, as RegMean's); ``min_fisher``: 1e-6, added to every entry (the paper's code
+    and FusionBench); ``normalize``: each Fisher scaled to unit norm (FusionBench's default)."""
+
+    examples: int = DEFAULT_EXAMPLES
+    min_fisher: float = DEFAULT_MIN_FISHER
+    normalize: bool = True
+
+
+def run(inputs: Inputs, settings: Settings = Settings()) -> MergedState:
+    """Fisher-merge the fine-tuned encoders (``inputs.finetuned``, visited one at a time)
+    through their heads on their training splits; ``inputs.encoder`` is a module of the
+    architecture, its weights are overwritten."""
+    encoder = inputs.encoder
 
     def models():
-        for name, state, head, data in tasks:
+        for name, state, head, data in zip(inputs.tasks, inputs.finetuned, inputs.heads, inputs.train, strict=True):
             encoder.load_state_dict(state)
-            yield state, diagonal_fisher(encoder, head, data, examples, seed, desc=f"fisher {name}")
+            yield state, diagonal_fisher(encoder, head, data, settings.examples, inputs.seed, desc=f"fisher {name}")
 
-    return fisher_average(models(), min_fisher, normalize)
+    return MergedState(fisher_average(models(), settings.min_fisher, settings.normalize))

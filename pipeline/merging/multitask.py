@@ -6,17 +6,29 @@ minimises the mean of the tasks' cross-entropies."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from dataclasses import dataclass
 
-import torch
-from torch import nn
-
-from pipeline.merging import StateDict
+from pipeline.data.tasks import as_tensors
+from pipeline.merging.contract import Inputs, MergedState
 from pipeline.zoo.synthetic_zoo import train_encoder
 
 
-def merge(encoder: nn.Module, tasks: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cfg: dict,
-          seed: int, progress: bool = True) -> StateDict:
-    """Train ``encoder`` on ``tasks`` (head, images, labels) with the fine-tuning ``cfg``
-    (steps, batch_size, lr, weight_decay, warmup); returns its state dict."""
-    return train_encoder(encoder, tasks, cfg, seed, desc="multi-task learning", progress=progress)
+@dataclass(frozen=True)
+class Settings:
+    """The per-task fine-tuning schedule, so that joint and individual training compare
+    (defaults: the demo zoo's ``zoo.synthetic.finetune``; the workflow passes the zoo's own)."""
+
+    steps: int = 300
+    batch_size: int = 128
+    lr: float = 3.5e-4
+    weight_decay: float = 0.0
+    warmup: int = 20
+
+
+def run(inputs: Inputs, settings: Settings = Settings()) -> MergedState:
+    """Train ``inputs.encoder`` on every task's training split through its head."""
+    tasks = [(head, *as_tensors(data)) for head, data in zip(inputs.heads, inputs.train, strict=True)]
+    state = train_encoder(inputs.encoder, tasks, dataclasses.asdict(settings), inputs.seed,
+                          desc="multi-task learning", progress=inputs.progress)
+    return MergedState(state)

@@ -2,7 +2,7 @@
 regression loss of all tasks' layer outputs, W = (sum_k G_k)^-1 sum_k G_k W_k (in the
 ``y = x W^T`` convention: W^T = (sum G_k)^-1 sum G_k W_k^T), with G_k the Gram matrix of the
 layer's inputs on task k's training examples (mean over input rows) and its off-diagonal
-entries scaled by ``alpha`` (FusionBench's default 0.6). Every other tensor is averaged.
+entries scaled by ``alpha``. Every other tensor is averaged.
 
 Linear layers are the ``nn.Linear`` modules and, of each ``nn.MultiheadAttention`` (which
 does not call its projections as modules), the fused input projection ``in_proj_weight``
@@ -14,13 +14,14 @@ fine-tuned model and its Gram matrices are in memory at a time.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from pipeline.merging import StateDict
+from pipeline.merging.contract import Inputs, MergedState, StateDict
 
 DEFAULT_EXAMPLES = 256
 DEFAULT_ALPHA = 0.6
@@ -124,15 +125,26 @@ def regmean_average(models: Iterable[tuple[Mapping[str, torch.Tensor], Mapping[s
     return out
 
 
-def merge(encoder: nn.Module, tasks: Iterable[tuple[str, Mapping[str, torch.Tensor], torch.Tensor, Dataset]],
-          examples: int = DEFAULT_EXAMPLES, alpha: float = DEFAULT_ALPHA, seed: int = 0) -> StateDict:
-    """RegMean of the fine-tuned encoders of ``tasks`` (name, state dict, head, train
-    dataset; the head is not used); ``encoder`` is a module of the architecture, its weights
-    are overwritten."""
+@dataclass(frozen=True)
+class Settings:
+    """``examples``: training examples per task whose layer inputs make the Gram
+    matrices (256: this project's choice); ``alpha``: 0.6, the scale of off-diagonal Gram entries
+    (the RegMean paper's reduction factor, Jin et al., ICLR 2023, Sec. 3.2; 0.6 is
+    FusionBench's GPT-2 value, its CLIP config uses 0.95)."""
+
+    examples: int = DEFAULT_EXAMPLES
+    alpha: float = DEFAULT_ALPHA
+
+
+def run(inputs: Inputs, settings: Settings = Settings()) -> MergedState:
+    """RegMean of the fine-tuned encoders (``inputs.finetuned``, visited one at a time) with
+    Gram matrices of their inputs on the training splits; ``inputs.encoder`` is a module of
+    the architecture, its weights are overwritten."""
+    encoder = inputs.encoder
 
     def models():
-        for name, state, _, data in tasks:
+        for name, state, data in zip(inputs.tasks, inputs.finetuned, inputs.train, strict=True):
             encoder.load_state_dict(state)
-            yield state, gram_matrices(encoder, data, examples, seed=seed, desc=f"regmean {name}")
+            yield state, gram_matrices(encoder, data, settings.examples, seed=inputs.seed, desc=f"regmean {name}")
 
-    return regmean_average(models(), alpha)
+    return MergedState(regmean_average(models(), settings.alpha))

@@ -1,28 +1,21 @@
-"""Task Arithmetic (Ilharco et al., 2023): theta_pre + lambda * sum_k tau_k."""
+"""Task Arithmetic (Ilharco et al., ICLR 2023): theta_pre + lambda * sum_k tau_k."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 
-import torch
-
-from pipeline.merging import StateDict, apply_vector
-from pipeline.store.streaming import Linear, merge_to_memory
-from pipeline.store.task_vectors import TaskVectorStore
-
-DEFAULT_LAMBDA = 0.3  # the paper's choice when no validation data is used
+from pipeline.merging.contract import Inputs, StreamedMerge
+from pipeline.store.streaming import Linear
 
 
-def reducer(store: TaskVectorStore, lam: float = DEFAULT_LAMBDA) -> Linear:
-    """``lam`` * sum_k tau_k, for :mod:`pipeline.store.streaming`."""
-    return Linear([lam] * len(store.tasks))
+@dataclass(frozen=True)
+class Settings:
+    """``lam``: 0.3, the AdaMerging paper's Task Arithmetic coefficient when no validation
+    data is used (Yang et al., 2024, Sec. 5.1); the workflow searches it on validation."""
+
+    lam: float = 0.3
 
 
-def vector(store: TaskVectorStore) -> StateDict:
-    """The sum of the task vectors, streamed from the store."""
-    return merge_to_memory(store, reducer(store, 1.0), desc="task arithmetic")
-
-
-def merge(pretrained: Mapping[str, torch.Tensor], store: TaskVectorStore, lam: float = DEFAULT_LAMBDA) -> StateDict:
-    """Add ``lam`` times the sum of the task vectors to the pretrained weights."""
-    return apply_vector(pretrained, vector(store), lam)
+def run(inputs: Inputs, settings: Settings = Settings()) -> StreamedMerge:
+    """theta_pre + ``lam`` * (the sum of the task vectors, streamed from the store)."""
+    return StreamedMerge(inputs, Linear([1.0] * len(inputs.store.tasks)), settings.lam, desc="task arithmetic")

@@ -1,27 +1,25 @@
-"""Task negation (Ilharco et al., 2023): theta_pre + lambda * sum_k tau_k with lambda < 0,
-which makes the model forget the negated tasks (open the store with those tasks only)."""
+"""Task negation (Ilharco et al., ICLR 2023): theta_pre + lambda * sum_k tau_k with
+lambda < 0, which makes the model forget the negated tasks (the store holds those tasks)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 
-import torch
-
-from pipeline.merging import StateDict, task_arithmetic
+from pipeline.merging.contract import Inputs, StreamedMerge
 from pipeline.store.streaming import Linear
-from pipeline.store.task_vectors import TaskVectorStore
-
-DEFAULT_LAMBDA = -1.0
 
 
-def reducer(store: TaskVectorStore, lam: float = DEFAULT_LAMBDA) -> Linear:
-    """``lam`` * sum_k tau_k with ``lam`` < 0, for :mod:`pipeline.store.streaming`."""
-    if lam >= 0:
-        raise ValueError(f"task negation needs a negative lambda, got {lam}; use task_arithmetic to add tasks")
-    return task_arithmetic.reducer(store, lam)
+@dataclass(frozen=True)
+class Settings:
+    """``lam``: -1.0, the negation coefficient of Ilharco et al. (2023, Sec. 3)."""
+
+    lam: float = -1.0
+
+    def __post_init__(self):
+        if self.lam >= 0:
+            raise ValueError(f"task negation needs a negative lambda, got {self.lam}; use task_arithmetic to add tasks")
 
 
-def merge(pretrained: Mapping[str, torch.Tensor], store: TaskVectorStore, lam: float = DEFAULT_LAMBDA) -> StateDict:
-    """Subtract ``-lam`` times the store's task vectors from the pretrained weights."""
-    reducer(store, lam)  # checks lam
-    return task_arithmetic.merge(pretrained, store, lam)
+def run(inputs: Inputs, settings: Settings = Settings()) -> StreamedMerge:
+    """theta_pre - ``|lam|`` * sum of the store's task vectors."""
+    return StreamedMerge(inputs, Linear([settings.lam] * len(inputs.store.tasks)), desc="task negation")

@@ -3,20 +3,18 @@ theta_pre + mean_k tau_k from the task-vector store."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 
-import torch
-
-from pipeline.merging import StateDict, apply_vector
-from pipeline.store.streaming import Linear, merge_to_memory
-from pipeline.store.task_vectors import TaskVectorStore
+from pipeline.merging.contract import Inputs, StreamedMerge
+from pipeline.store.streaming import Linear
 
 
-def reducer(store: TaskVectorStore) -> Linear:
-    """mean_k tau_k, for :mod:`pipeline.store.streaming`."""
-    return Linear([1.0 / len(store.tasks)] * len(store.tasks))
+@dataclass(frozen=True)
+class Settings:
+    """Weight averaging has no settings (Wortsman et al., 2022, "model soups": uniform soup)."""
 
 
-def merge(pretrained: Mapping[str, torch.Tensor], store: TaskVectorStore) -> StateDict:
-    """Mean of the fine-tuned encoders (non-float tensors are taken from ``pretrained``)."""
-    return apply_vector(pretrained, merge_to_memory(store, reducer(store), desc="weight averaging"), 1.0)
+def run(inputs: Inputs, settings: Settings = Settings()) -> StreamedMerge:
+    """Mean of the fine-tuned encoders (tensors outside the store are the pretrained ones)."""
+    k = len(inputs.store.tasks)
+    return StreamedMerge(inputs, Linear([1.0 / k] * k), desc="weight averaging")

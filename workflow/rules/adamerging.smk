@@ -3,9 +3,8 @@
 # Config (optional) merging.adamerging: the fields of pipeline.merging.adamerging.Settings,
 # plus max_images (test images cached per task, 0: all) and gpus (per job, for clusters).
 
-ADAMERGING = config.get("merging", {}).get("adamerging", {})
+ADAMERGING = config["merging"]["adamerging"]
 ADAMERGING_JOB_KEYS = ("max_images", "gpus")
-ADAMERGING_VARIANTS = ["task_wise", "layer_wise", "task_wise_plus", "layer_wise_plus"]
 
 
 rule adamerging:
@@ -31,7 +30,7 @@ rule adamerging:
     resources:
         mem_mb=16000,
         runtime=240,
-        gpu=ADAMERGING.get("gpus", 1),
+        gpu=ADAMERGING["gpus"],
     params:
         zoo=zoo_json(),
         tasks=TASKS,
@@ -39,15 +38,10 @@ rule adamerging:
             {k: v for k, v in ADAMERGING.items() if k not in ADAMERGING_JOB_KEYS},
             sort_keys=True,
         ),
-        max_images=ADAMERGING.get("max_images", 0),
-        code=code_version(
-            "merging/adamerging.py",
-            "functional.py",
-            "../kernels/weighted_sum.py",
-            "../kernels/ties_merge.py",
-        ),
+        max_images=ADAMERGING["max_images"],
+        code=lambda wc: code_version("adamerge", f"adamerging_{wc.variant}"),
     shell:
-        "python -m pipeline adamerge --zoo {params.zoo:q} --variant {wildcards.variant} "
+        "{PYTHON} adamerge --zoo {params.zoo:q} --variant {wildcards.variant} "
         "--pretrained {input.pretrained} --finetuned {input.finetuned} --heads {input.heads} "
         "--tasks {params.tasks} --data {input.data} --settings {params.settings:q} "
         "--max-images {params.max_images} --out {output.model} --lambdas {output.lambdas} "
@@ -78,9 +72,9 @@ rule evaluate_adamerging:
         zoo=zoo_json(),
         tasks=TASKS,
         batch=config["evaluation"]["batch_size"],
-        code=EVAL_CODE,
+        code=code_version("evaluate"),
     shell:
-        "python -m pipeline evaluate --zoo {params.zoo:q} --model adamerging_{wildcards.variant} "
+        "{PYTHON} evaluate --zoo {params.zoo:q} --model adamerging_{wildcards.variant} "
         "--method adamerging_{wildcards.variant} --pretrained {input.pretrained} --encoder {input.encoder} "
         "--tasks {params.tasks} --heads {input.heads} --data {input.data} --batch-size {params.batch} "
         "--out {output} --threads {threads} > {log} 2>&1"

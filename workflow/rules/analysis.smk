@@ -12,12 +12,11 @@ CORRUPTIONS = [
 ]
 
 
-ROBUST_TASKS = list(analysis_cfg("robustness").get("tasks") or TASKS[:4])
-UNSEEN_TASKS = list(analysis_cfg("unseen").get("tasks") or TASKS[-2:])
+ROBUST_TASKS = list(analysis_cfg("robustness")["tasks"] or TASKS[:4])
+UNSEEN_TASKS = list(analysis_cfg("unseen")["tasks"] or TASKS[-2:])
 SEEN_TASKS = [t for t in TASKS if t not in UNSEEN_TASKS]
 UNSEEN_ALL = SEEN_TASKS + UNSEEN_TASKS
-UNSEEN_VARIANTS = analysis_cfg("unseen").get("variants", ADAMERGING_VARIANTS)
-ANALYSIS_CODE = ["analysis/common.py", "analysis/cli.py"]
+UNSEEN_VARIANTS = analysis_cfg("unseen")["variants"]
 
 
 rule analysis_sensitivity:
@@ -51,14 +50,12 @@ rule analysis_sensitivity:
         runtime=60,
     params:
         zoo=zoo_json(),
-        settings=json.dumps({m: config["merging"].get(m, {}) for m in SEARCH_METHODS}),
-        test="--test" if analysis_cfg("sensitivity").get("test", True) else "",
+        settings=json.dumps({m: json.loads(merge_settings(m)) for m in SEARCH_METHODS}),
+        test="--test" if analysis_cfg("sensitivity")["test"] else "",
         batch=config["evaluation"]["batch_size"],
-        code=code_version(
-            *ANALYSIS_CODE, "analysis/sensitivity.py", "merging/lambda_search.py"
-        ),
+        code=code_version("analysis-sensitivity", *SEARCH_METHODS),
     shell:
-        "python -m pipeline analysis-sensitivity --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "{PYTHON} analysis-sensitivity --zoo {params.zoo:q} --pretrained {input.pretrained} "
         "--task-vectors {input.store} --heads {input.heads} --data {input.data} --search {input.search} "
         "--references {input.references} --settings {params.settings:q} {params.test} "
         "--batch-size {params.batch} --out {output.table} --figure {output.figure} "
@@ -102,9 +99,9 @@ rule analysis_coefficients:
         runtime=10,
     params:
         zoo=zoo_json(),
-        code=code_version(*ANALYSIS_CODE, "analysis/coefficients.py"),
+        code=code_version("analysis-coefficients"),
     shell:
-        "python -m pipeline analysis-coefficients --zoo {params.zoo:q} --lambdas {input.lambdas} "
+        "{PYTHON} analysis-coefficients --zoo {params.zoo:q} --lambdas {input.lambdas} "
         "--entropy {input.entropy} --out {output.table} --layer-figure {output.layer} "
         "--task-figure {output.task} --entropy-figure {output.entropy} > {log} 2>&1"
 
@@ -150,9 +147,9 @@ rule analysis_distances:
     params:
         zoo=zoo_json(),
         models=[f"{k}={v}" for k, v in DISTANCE_MODELS.items()],
-        code=code_version(*ANALYSIS_CODE, "analysis/distances.py"),
+        code=code_version("analysis-distances"),
     shell:
-        "python -m pipeline analysis-distances --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "{PYTHON} analysis-distances --zoo {params.zoo:q} --pretrained {input.pretrained} "
         "--models {params.models} --task-vectors {input.store} --out {output.table} "
         "--figure {output.figure} --cosine-out {output.cosine} "
         "--cosine-figure {output.cosine_figure} > {log} 2>&1"
@@ -184,12 +181,12 @@ rule analysis_surrogate:
         runtime=30,
     params:
         zoo=zoo_json(),
-        lambdas=analysis_cfg("surrogate").get("lambdas", [0.1, 0.3, 0.5]),
-        max_samples=analysis_cfg("surrogate").get("max_samples", 0),
+        lambdas=analysis_cfg("surrogate")["lambdas"],
+        max_samples=analysis_cfg("surrogate")["max_samples"],
         batch=config["evaluation"]["batch_size"],
-        code=code_version(*ANALYSIS_CODE, "analysis/surrogate.py"),
+        code=code_version("analysis-surrogate"),
     shell:
-        "python -m pipeline analysis-surrogate --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "{PYTHON} analysis-surrogate --zoo {params.zoo:q} --pretrained {input.pretrained} "
         "--task-vectors {input.store} --heads {input.heads} --data {input.data} "
         "--lambdas {params.lambdas} --max-samples {params.max_samples} --batch-size {params.batch} "
         "--out {output.samples} --spearman-out {output.spearman} --figure {output.figure} "
@@ -217,24 +214,19 @@ rule analysis_robustness_run:
     resources:
         mem_mb=8000,
         runtime=120,
-        gpu=ADAMERGING.get("gpus", 1),
+        gpu=ADAMERGING["gpus"],
     params:
         zoo=zoo_json(),
-        severity=analysis_cfg("robustness").get("severity", 3),
-        variant=analysis_cfg("robustness").get("variant", "layer_wise"),
+        severity=analysis_cfg("robustness")["severity"],
+        variant=analysis_cfg("robustness")["variant"],
         adamerging=adamerging_settings("robustness"),
         lambdas=merge_lambdas("robustness"),
         ties=merge_settings("ties_merging"),
         max_images=analysis_max_images("robustness"),
         batch=config["evaluation"]["batch_size"],
-        code=code_version(
-            *ANALYSIS_CODE,
-            "analysis/robustness.py",
-            "analysis/corruptions.py",
-            "merging/adamerging.py",
-        ),
+        code=code_version("analysis-robustness"),
     shell:
-        "python -m pipeline analysis-robustness --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "{PYTHON} analysis-robustness --zoo {params.zoo:q} --pretrained {input.pretrained} "
         "--task-vectors {input.store} --finetuned {input.finetuned} --heads {input.heads} "
         "--data {input.data} --corruption {wildcards.corruption} --severity {params.severity} "
         "--variant {params.variant} --adamerging {params.adamerging:q} --lambdas {params.lambdas:q} "
@@ -246,7 +238,7 @@ rule analysis_robustness:
     input:
         expand(
             f"{AN}/robustness/{{c}}.parquet",
-            c=["clean"] + analysis_cfg("robustness").get("corruptions", CORRUPTIONS),
+            c=["clean"] + analysis_cfg("robustness")["corruptions"],
         ),
     output:
         table=f"{AN}/robustness.parquet",
@@ -267,9 +259,9 @@ rule analysis_robustness:
         runtime=10,
     params:
         zoo=zoo_json(),
-        code=code_version(*ANALYSIS_CODE, "analysis/robustness.py"),
+        code=code_version("analysis-robustness-table"),
     shell:
-        "python -m pipeline analysis-robustness-table --zoo {params.zoo:q} --inputs {input} "
+        "{PYTHON} analysis-robustness-table --zoo {params.zoo:q} --inputs {input} "
         "--out {output.table} --figure {output.figure} > {log} 2>&1"
 
 
@@ -294,7 +286,7 @@ rule analysis_unseen_run:
     resources:
         mem_mb=8000,
         runtime=120,
-        gpu=lambda wc: 0 if wc.approach == "baselines" else ADAMERGING.get("gpus", 1),
+        gpu=lambda wc: 0 if wc.approach == "baselines" else ADAMERGING["gpus"],
     params:
         zoo=zoo_json(),
         seen=SEEN_TASKS,
@@ -305,14 +297,9 @@ rule analysis_unseen_run:
         ties=merge_settings("ties_merging"),
         max_images=analysis_max_images("unseen"),
         batch=config["evaluation"]["batch_size"],
-        code=code_version(
-            *ANALYSIS_CODE,
-            "analysis/unseen.py",
-            "analysis/robustness.py",
-            "merging/adamerging.py",
-        ),
+        code=code_version("analysis-unseen"),
     shell:
-        "python -m pipeline analysis-unseen --zoo {params.zoo:q} --variant {wildcards.approach} "
+        "{PYTHON} analysis-unseen --zoo {params.zoo:q} --variant {wildcards.approach} "
         "--pretrained {input.pretrained} --task-vectors {input.store} --finetuned {input.finetuned} "
         "--heads {input.heads} --data {input.data} --tasks {params.tasks} --seen {params.seen} "
         "--unseen {params.unseen} --adamerging {params.adamerging:q} --lambdas {params.lambdas:q} "
@@ -342,9 +329,9 @@ rule analysis_unseen:
         runtime=10,
     params:
         zoo=zoo_json(),
-        code=code_version(*ANALYSIS_CODE, "analysis/unseen.py"),
+        code=code_version("analysis-unseen-table"),
     shell:
-        "python -m pipeline analysis-unseen-table --zoo {params.zoo:q} --inputs {input} "
+        "{PYTHON} analysis-unseen-table --zoo {params.zoo:q} --inputs {input} "
         "--out {output.table} --figure {output.figure} > {log} 2>&1"
 
 
@@ -368,10 +355,10 @@ rule lora_finetune:
         runtime=60,
     params:
         zoo=zoo_json("synthetic.finetune"),
-        settings=json.dumps(analysis_cfg("pem").get("lora", {}), sort_keys=True),
-        code=code_version("zoo/lora.py", "zoo/synthetic_zoo.py"),
+        settings=json.dumps(analysis_cfg("pem")["lora"], sort_keys=True),
+        code=code_version("lora-finetune"),
     shell:
-        "python -m pipeline lora-finetune --zoo {params.zoo:q} --task {wildcards.task} "
+        "{PYTHON} lora-finetune --zoo {params.zoo:q} --task {wildcards.task} "
         "--pretrained {input.pretrained} --head {input.head} --data {input.data} "
         "--settings {params.settings:q} --out {output} --threads {threads} > {log} 2>&1"
 
@@ -405,15 +392,9 @@ rule analysis_pem:
         adamerging=adamerging_settings("pem"),
         max_images=analysis_max_images("pem"),
         batch=config["evaluation"]["batch_size"],
-        code=code_version(
-            *ANALYSIS_CODE,
-            "analysis/pem.py",
-            "analysis/robustness.py",
-            "zoo/lora.py",
-            "merging/adamerging.py",
-        ),
+        code=code_version("analysis-pem"),
     shell:
-        "python -m pipeline analysis-pem --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "{PYTHON} analysis-pem --zoo {params.zoo:q} --pretrained {input.pretrained} "
         "--tasks {params.tasks} --finetuned {input.finetuned} --lora {input.lora} "
         "--heads {input.heads} --data {input.data} --grid {params.grid:q} "
         "--negation-lam {params.negation} --adamerging {params.adamerging:q} "

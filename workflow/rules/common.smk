@@ -1,57 +1,70 @@
-import hashlib
 import json
+import shlex
+import sys
 from pathlib import Path
 
 from snakemake.utils import validate
 
 validate(config, "../schemas/config.schema.yaml")
 
+sys.path.insert(0, workflow.basedir)  # the project's own packages, whatever the working directory
+
+from pipeline import cli, provenance
+from pipeline.merging import registry
+from pipeline.merging.contract import Need
+
 ZOO_CFG = config["zoo"]
 ZOO = ZOO_CFG["name"]
 SOURCE = ZOO_CFG["source"]
 TASKS = list(ZOO_CFG["tasks"])
-HELDOUT = list(ZOO_CFG.get("heldout_tasks", []))
+HELDOUT = list(ZOO_CFG["heldout_tasks"])
 ALL_TASKS = TASKS + HELDOUT
-THREADS = config.get("threads", 2)
+THREADS = config["threads"]
 MODELS = f"resources/models/{ZOO}"
 DATA = f"resources/data/{ZOO}"
 RESULTS = f"results/{ZOO}"
 LOGS = f"logs/{ZOO}"
 BENCH = f"{RESULTS}/benchmarks"
-PIPELINE = Path(workflow.basedir) / "pipeline"
 STORE = f"{RESULTS}/task_vectors.zarr"
-SEARCH_METHODS = ["task_arithmetic", "ties_merging"]  # lambda chosen on validation data
-DATA_METHODS = [
-    "fisher_merging",
-    "regmean",
-]  # need fine-tuned models and training examples
-MERGE_METHODS = (
-    ["weight_averaging"]
-    + SEARCH_METHODS
-    + DATA_METHODS
-    + (["multitask"] if SOURCE == "synthetic" else [])
-)
+
+# Method lists, all from the registry (pipeline/merging/registry.py).
+SYNTHETIC = SOURCE == "synthetic"
+STORE_MERGES = registry.names(registry.STORE, searched=False)  # one streamed pass over the store
+SEARCH_METHODS = registry.names(searched=True)  # lambda chosen on validation data
+DATA_METHODS = registry.names(registry.MODELS_AND_TRAIN)  # fine-tuned models and training examples
+TRAINED = registry.names(frozenset({Need.TRAIN_DATA}), synthetic=SYNTHETIC)  # joint training
+MERGE_METHODS = [
+    m
+    for m in registry.names(synthetic=SYNTHETIC)
+    if Need.TEST_DATA not in registry.method(m).needs
+]
+ADAMERGING_VARIANTS = [
+    registry.adamerging_variant(m) for m in registry.names(registry.MODELS_AND_TEST)
+]
 NEGATED = TASKS if config["merging"]["task_negation"]["enabled"] else []
 ENV = "../envs/pipeline.yaml"
 
-# Rules run `python -m pipeline`: make the package importable from any working directory.
-shell.prefix(f"export PYTHONPATH={workflow.basedir}:$PYTHONPATH; ")
+# Rules run `python -m pipeline` with the interpreter that runs Snakemake (no activated venv
+# needed) and the project on the path, from any working directory.
+USE_ENVS = bool(workflow.deployment_settings.deployment_method)  # --sdm conda/apptainer/...
+PYTHON = "python -m pipeline" if USE_ENVS else f"{shlex.quote(sys.executable)} -m pipeline"
+shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(workflow.basedir)}:${{{{PYTHONPATH:-}}}}; ")
+
+
+def code_version(verb, *methods):
+    """Hash of the code a job of ``verb`` runs: its command module, everything that imports
+    inside pipeline/ and kernels/, and the modules of the ``methods`` it runs by name
+    (pipeline/provenance.py). As a param, it reruns the job when that code changes."""
+    modules = [cli.command_module(verb), "pipeline.cli", "pipeline.__main__"]
+    modules += [registry.method(m).run.__module__ for m in methods]
+    return provenance.code_version(workflow.basedir, modules)
+
 
 overlap = sorted(set(TASKS) & set(HELDOUT))
 if overlap:
     raise ValueError(
         f"config: zoo.heldout_tasks {overlap} also appear in zoo.tasks; a task is either merged or held out"
     )
-
-
-def code_version(*modules):
-    """Hash of the pipeline modules a job runs. Passed as a param, it makes Snakemake's
-    params trigger rerun the job when that code changes (the code trigger does not see
-    imported modules)."""
-    h = hashlib.sha256()
-    for module in sorted(modules):
-        h.update((PIPELINE / module).read_bytes())
-    return h.hexdigest()[:16]
 
 
 def zoo_json(*sections):
@@ -97,8 +110,9 @@ def task_vectors(tasks):
 
 
 def merge_settings(method):
-    """The method's settings from config `merging` as JSON keyword arguments."""
-    return json.dumps(config["merging"].get(method, {}), sort_keys=True)
+    """The method's settings from config `merging` as JSON (methods the schema gives no
+    section have none)."""
+    return json.dumps(config["merging"][method] if method in config["merging"] else {}, sort_keys=True)
 
 
 def eval_files():
@@ -116,32 +130,34 @@ def final_outputs():
 
 
 # Analyses (workflow/rules/analysis.smk): config `analysis`, every section enabled by default.
-ANALYSIS = config.get("analysis", {})
+ANALYSIS = config["analysis"]
 AN = f"{RESULTS}/analysis"
 
 
 def analysis_cfg(name):
-    return ANALYSIS.get(name, {})
+    return ANALYSIS[name]
 
 
 def analysis_on(name):
-    return analysis_cfg(name).get("enabled", True)
+    return analysis_cfg(name)["enabled"]
 
 
 def adamerging_settings(section):
     """merging.adamerging without the job keys, updated by the analysis section's own."""
     base = {k: v for k, v in ADAMERGING.items() if k not in ADAMERGING_JOB_KEYS}
     return json.dumps(
-        base | analysis_cfg(section).get("adamerging", {}), sort_keys=True
+        base | analysis_cfg(section)["adamerging"], sort_keys=True
     )
 
 
 def analysis_max_images(section):
-    return analysis_cfg(section).get("max_images", ADAMERGING.get("max_images", 0))
+    """The analysis' own max_images, else merging.adamerging's."""
+    cfg = analysis_cfg(section)
+    return cfg["max_images"] if "max_images" in cfg else ADAMERGING["max_images"]
 
 
 def merge_lambdas(section):
-    lam = analysis_cfg(section).get("lam", 0.3)
+    lam = analysis_cfg(section)["lam"]
     return json.dumps({"task_arithmetic": lam, "ties_merging": lam})
 
 

@@ -1,7 +1,5 @@
 # Evaluation stage: top-1 accuracy of each model on each task's test split, into parquet.
 
-EVAL_CODE = code_version("evaluation.py", "data/tasks.py", "zoo/store.py")
-
 
 rule evaluate_zeroshot:
     input:
@@ -24,9 +22,9 @@ rule evaluate_zeroshot:
         zoo=zoo_json(),
         tasks=ALL_TASKS,
         batch=config["evaluation"]["batch_size"],
-        code=EVAL_CODE,
+        code=code_version("evaluate"),
     shell:
-        "python -m pipeline evaluate --zoo {params.zoo:q} --model zeroshot --method zeroshot "
+        "{PYTHON} evaluate --zoo {params.zoo:q} --model zeroshot --method zeroshot "
         "--pretrained {input.pretrained} --tasks {params.tasks} --heads {input.heads} "
         "--data {input.data} --batch-size {params.batch} --out {output} --threads {threads} > {log} 2>&1"
 
@@ -52,9 +50,9 @@ rule evaluate_individual:
     params:
         zoo=zoo_json(),
         batch=config["evaluation"]["batch_size"],
-        code=EVAL_CODE,
+        code=code_version("evaluate"),
     shell:
-        "python -m pipeline evaluate --zoo {params.zoo:q} --model individual --method individual "
+        "{PYTHON} evaluate --zoo {params.zoo:q} --model individual --method individual "
         "--pretrained {input.pretrained} --encoder {input.encoder} --tasks {wildcards.task} "
         "--heads {input.head} --data {input.data} --batch-size {params.batch} --out {output} "
         "--threads {threads} > {log} 2>&1"
@@ -82,9 +80,9 @@ rule evaluate_merged:
         zoo=zoo_json(),
         tasks=TASKS,
         batch=config["evaluation"]["batch_size"],
-        code=EVAL_CODE,
+        code=code_version("evaluate"),
     shell:
-        "python -m pipeline evaluate --zoo {params.zoo:q} --model {wildcards.method} "
+        "{PYTHON} evaluate --zoo {params.zoo:q} --model {wildcards.method} "
         "--method {wildcards.method} --pretrained {input.pretrained} --encoder {input.encoder} "
         "--tasks {params.tasks} --heads {input.heads} --data {input.data} --batch-size {params.batch} "
         "--out {output} --threads {threads} > {log} 2>&1"
@@ -112,9 +110,9 @@ rule evaluate_negation:
         zoo=zoo_json(),
         tasks=TASKS,
         batch=config["evaluation"]["batch_size"],
-        code=EVAL_CODE,
+        code=code_version("evaluate"),
     shell:
-        "python -m pipeline evaluate --zoo {params.zoo:q} --model task_negation_{wildcards.task} "
+        "{PYTHON} evaluate --zoo {params.zoo:q} --model task_negation_{wildcards.task} "
         "--method task_negation --pretrained {input.pretrained} --encoder {input.encoder} "
         "--tasks {params.tasks} --heads {input.heads} --data {input.data} --batch-size {params.batch} "
         "--out {output} --threads {threads} > {log} 2>&1"

@@ -33,8 +33,8 @@ rule report:
         config=json.dumps(config, sort_keys=True),
         benchmark_dir=BENCH,
         analysis=[f"{k}={v}" for k, v in analysis_files().items()],
-        code=code_version("report.py"),
+        code=code_version("report"),
     shell:
-        "python -m pipeline report --zoo {params.zoo:q} --eval {input.evals} --config {params.config:q} "
+        "{PYTHON} report --zoo {params.zoo:q} --eval {input.evals} --config {params.config:q} "
         "--benchmark-dir {params.benchmark_dir} --markdown {output.markdown} --html {output.html} "
         "--table {output.table} --analysis {params.analysis} > {log} 2>&1"

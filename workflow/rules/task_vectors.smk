@@ -22,8 +22,8 @@ rule task_vector:
         zoo=zoo_json(),
         chunk_mib=config["merging"]["chunk_mib"],
         storage=json.dumps(config["merging"]["storage"], sort_keys=True),
-        code=code_version("store/task_vectors.py", "models/checkpoints.py"),
+        code=code_version("task-vector"),
     shell:
-        "python -m pipeline task-vector --zoo {params.zoo:q} --task {wildcards.task} "
+        "{PYTHON} task-vector --zoo {params.zoo:q} --task {wildcards.task} "
         "--pretrained {input.pretrained} --finetuned {input.finetuned} "
         "--chunk-mib {params.chunk_mib} --storage {params.storage:q} --out {output} --threads {threads} > {log} 2>&1"

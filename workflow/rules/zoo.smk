@@ -18,9 +18,9 @@ if SOURCE == "synthetic":
             runtime=10,
         params:
             zoo=zoo_json("synthetic.sizes", "synthetic.domains"),
-            code=code_version("data/synthetic.py", "zoo/synthetic_zoo.py"),
+            code=code_version("task-data"),
         shell:
-            "python -m pipeline task-data --zoo {params.zoo:q} --task {wildcards.task} "
+            "{PYTHON} task-data --zoo {params.zoo:q} --task {wildcards.task} "
             "--out {output} --threads {threads} > {log} 2>&1"
 
     rule pretrain:
@@ -40,11 +40,9 @@ if SOURCE == "synthetic":
             runtime=60,
         params:
             zoo=zoo_json("synthetic.pretrain"),
-            code=code_version(
-                "data/synthetic.py", "zoo/synthetic_zoo.py", "models/clip.py"
-            ),
+            code=code_version("pretrain"),
         shell:
-            "python -m pipeline pretrain --zoo {params.zoo:q} --out {output.model} "
+            "{PYTHON} pretrain --zoo {params.zoo:q} --out {output.model} "
             "--tokenizer {output.tokenizer} --threads {threads} > {log} 2>&1"
 
     rule finetune:
@@ -67,9 +65,9 @@ if SOURCE == "synthetic":
             runtime=30,
         params:
             zoo=zoo_json("synthetic.finetune"),
-            code=code_version("zoo/synthetic_zoo.py", "models/clip.py"),
+            code=code_version("finetune"),
         shell:
-            "python -m pipeline finetune --zoo {params.zoo:q} --task {wildcards.task} "
+            "{PYTHON} finetune --zoo {params.zoo:q} --task {wildcards.task} "
             "--pretrained {input.pretrained} --head {input.head} --data {input.data} "
             "--out {output} --threads {threads} > {log} 2>&1"
 
@@ -90,9 +88,9 @@ else:
             runtime=30,
         params:
             zoo=zoo_json(),
-            code=code_version("models/pretrained.py", "models/checkpoints.py"),
+            code=code_version("import-pretrained"),
         shell:
-            "python -m pipeline import-pretrained --zoo {params.zoo:q} --out {output} > {log} 2>&1"
+            "{PYTHON} import-pretrained --zoo {params.zoo:q} --out {output} > {log} 2>&1"
 
     rule import_finetuned:
         input:
@@ -111,9 +109,9 @@ else:
             runtime=30,
         params:
             zoo=zoo_json(),
-            code=code_version("models/checkpoints.py", "models/hf_clip.py"),
+            code=code_version("import-finetuned"),
         shell:
-            "python -m pipeline import-finetuned --zoo {params.zoo:q} --task {wildcards.task} "
+            "{PYTHON} import-finetuned --zoo {params.zoo:q} --task {wildcards.task} "
             "--pretrained {input.pretrained} --out {output} > {log} 2>&1"
 
 
@@ -135,7 +133,7 @@ rule zero_shot_head:
         runtime=10,
     params:
         zoo=zoo_json(),
-        code=code_version("models/clip.py", "zoo/store.py", "data/tasks.py"),
+        code=code_version("head"),
     shell:
-        "python -m pipeline head --zoo {params.zoo:q} --task {wildcards.task} "
+        "{PYTHON} head --zoo {params.zoo:q} --task {wildcards.task} "
         "--pretrained {input.pretrained} --out {output} > {log} 2>&1"

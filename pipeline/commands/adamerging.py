@@ -1,0 +1,51 @@
+"""The ``adamerge`` verb: learn AdaMerging coefficients on unlabeled test images and write
+the merged encoder, the coefficients and the entropy curve."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.utils.data import Subset
+
+from pipeline.commands.loading import finetuned_models, heads_of, splits
+from pipeline.data.tasks import as_tensors
+from pipeline.io import write_parquet
+from pipeline.merging import default_device, registry
+from pipeline.merging.adamerging import entropy_table, lambda_table
+from pipeline.merging.contract import Inputs
+from pipeline.models.checkpoints import save_state_dict
+from pipeline.zoo.store import load_clip
+
+log = logging.getLogger(__name__)
+
+
+def adamerge(zoo: dict, variant: str, pretrained: str, finetuned: list[str], heads: list[str], tasks: list[str],
+             out: str, lambdas: str, entropy: str, data: list[str] = (), settings: dict = {},  # noqa: B006
+             max_images: int = 0, device: str = "auto") -> None:
+    """Learn the coefficients of one AdaMerging variant (task_wise, layer_wise, ..._plus) on at
+    most ``max_images`` test images per task (0: all) and write the merge (``out``), the
+    coefficients (``lambdas``) and the entropy curve (``entropy``)."""
+    n = len(tasks)
+    if not len(finetuned) == len(heads) == n or data and len(data) != n:
+        raise ValueError(f"{n} tasks need as many --finetuned, --heads (and --data) files")
+    spec = registry.method(f"adamerging_{variant}")
+    config = spec.configure(settings)
+    images = []
+    for task, split in zip(tasks, splits(zoo, tasks, data, "test")):
+        if 0 < max_images < len(split):
+            subset = torch.randperm(len(split), generator=torch.Generator().manual_seed(config.seed))
+            split = Subset(split, subset[:max_images].tolist())
+        images.append(as_tensors(split)[0])
+        log.info("task %s: %d unlabeled test images cached", task, len(images[-1]))
+    encoder = load_clip(zoo, pretrained).visual
+    inputs = Inputs(encoder.state_dict(), tasks, encoder=encoder, finetuned=[m for m in finetuned_models(finetuned)],
+                    heads=heads_of(heads), test=images, device=default_device() if device == "auto" else device)
+    result = spec.run(inputs, config).details["result"]
+    log.info("%s: entropy %.4f -> %.4f, final coefficients in [%.3f, %.3f]", variant,
+             result.entropy[0] if result.entropy else float("nan"),
+             result.entropy[-1] if result.entropy else float("nan"),
+             float(result.lambdas.min()), float(result.lambdas.max()))
+    save_state_dict(result.state_dict, out)
+    write_parquet(lambda_table(result, tasks), lambdas)
+    write_parquet(entropy_table(result), entropy)

@@ -1,0 +1,26 @@
+"""The robustness verbs: one corruption's merges and evaluation, then the table of all."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from pipeline.analysis.common import write_parquet
+from pipeline.analysis.robustness import plot_robustness, run
+
+
+def analysis_robustness(zoo: dict, pretrained: str, task_vectors: list[str], finetuned: list[str],
+                        heads: list[str], corruption: str, out: str, data: list[str] = (), severity: int = 3,
+                        variant: str = "layer_wise", lambdas: dict = {}, ties: dict = {},  # noqa: B006
+                        adamerging: dict = {}, max_images: int = 0, batch_size: int = 512) -> None:  # noqa: B006
+    """Task Arithmetic, TIES and AdaMerging (adapted on the corrupted images) of the tasks of
+    ``task_vectors``, evaluated on the clean and the ``corruption`` test sets."""
+    table = run(zoo, pretrained, task_vectors, finetuned, heads, data, corruption, severity, variant, adamerging,
+                lambdas, ties, max_images, batch_size)
+    write_parquet(table, out)
+
+
+def analysis_robustness_table(inputs: list[str], out: str, figure: str, zoo: dict | None = None) -> None:
+    """All corruptions' rows in one table and figure."""
+    table = pd.concat([pd.read_parquet(f) for f in inputs], ignore_index=True)
+    write_parquet(table, out)
+    plot_robustness(table, figure)

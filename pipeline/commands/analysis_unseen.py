@@ -1,0 +1,30 @@
+"""The unseen-task verbs: merges of the seen tasks evaluated on the unseen ones, then the table."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from pipeline.analysis import unseen as unseen_analysis
+from pipeline.analysis.common import write_parquet
+
+
+def analysis_unseen(zoo: dict, pretrained: str, variant: str, tasks: list[str], seen: list[str], unseen: list[str],
+                    heads: list[str], out: str, task_vectors: list[str] = (), finetuned: list[str] = (),
+                    data: list[str] = (), lambdas: dict = {}, ties: dict = {}, adamerging: dict = {},  # noqa: B006
+                    max_images: int = 0, batch_size: int = 512) -> None:
+    """``variant`` "baselines" (Task Arithmetic and TIES of the seen tasks) or an AdaMerging
+    variant adapted on all ``tasks``' unlabeled test images."""
+    if variant == "baselines":
+        table = unseen_analysis.run_baselines(zoo, pretrained, task_vectors, tasks, unseen, heads, data, lambdas, ties,
+                                              batch_size)
+    else:
+        table = unseen_analysis.run_adamerging(zoo, pretrained, variant, seen, finetuned, tasks, unseen, heads, data,
+                                               adamerging, max_images, batch_size)
+    write_parquet(table, out)
+
+
+def analysis_unseen_table(inputs: list[str], out: str, figure: str, zoo: dict | None = None) -> None:
+    """All variants' rows in one table and figure."""
+    table = pd.concat([pd.read_parquet(f) for f in inputs], ignore_index=True)
+    write_parquet(table, out)
+    unseen_analysis.plot_unseen(table, figure)

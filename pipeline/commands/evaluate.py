@@ -1,0 +1,28 @@
+"""The ``evaluate`` verb: top-1 accuracy of one encoder on each task's split, into parquet."""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from pipeline.commands.loading import heads_of, splits
+from pipeline.evaluation import accuracy
+from pipeline.io import write_parquet
+from pipeline.zoo.store import load_clip, load_encoder_state
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(zoo: dict, pretrained: str, model: str, method: str, tasks: list[str], heads: list[str], out: str,
+             encoder: str | None = None, data: list[str] = (), split: str = "test", batch_size: int = 512) -> None:
+    """Accuracy of ``encoder`` (default: the pretrained one) on ``tasks``; one row per task."""
+    image_encoder = load_clip(zoo, pretrained).visual
+    if encoder:
+        image_encoder.load_state_dict(load_encoder_state(encoder))
+    rows = []
+    for task, head, dataset in zip(tasks, heads_of(heads), splits(zoo, tasks, data, split), strict=True):
+        r = accuracy(image_encoder, head, dataset, batch_size, desc=f"{model} on {task}")
+        rows.append({"model": model, "method": method, "task": task, "split": split, **r})
+        log.info("%s on %s: %.2f%% (n=%d)", model, task, r["accuracy"], r["n"])
+    write_parquet(pd.DataFrame(rows), out)

@@ -1,0 +1,73 @@
+"""Loading shared by the commands: stores, encoders, heads, splits, fine-tuned models."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.data.tasks import load_split
+from pipeline.io import write_json
+from pipeline.merging.contract import Inputs, Merge
+from pipeline.models.checkpoints import state_dict_hash
+from pipeline.store.task_vectors import TaskVectorStore
+from pipeline.zoo.store import load_clip, load_encoder_state, load_head
+
+
+class Lazy(Sequence):
+    """A sequence that loads item ``i`` with ``load(sources[i])`` on each access, so that one
+    fine-tuned model at a time is in memory."""
+
+    def __init__(self, sources: Sequence[str], load: Callable[[str], Any]):
+        self.sources, self.load = list(sources), load
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.load(s) for s in self.sources[i]]
+        return self.load(self.sources[i])
+
+
+def job_seed(zoo: dict, name: str) -> int:
+    """A seed of its own for the job ``name`` (a task, ...), derived from the zoo's seed."""
+    return zoo["seed"] * 100_003 + zlib.crc32(name.encode()) % 100_000
+
+
+def open_store(zoo: dict, pretrained: str, task_vectors: Sequence[str]):
+    """(pretrained image encoder, a copy of its state dict, the store over ``task_vectors``:
+    task subgroups of one zarr store)."""
+    roots = {Path(p).parent for p in task_vectors}
+    if len(roots) != 1:
+        raise ValueError(f"--task-vectors must be subgroups of one store, got folders {sorted(map(str, roots))}")
+    model = load_clip(zoo, pretrained)
+    state = {k: v.clone() for k, v in model.visual.state_dict().items()}  # not views of the encoder's weights
+    tasks = [Path(p).name for p in task_vectors]
+    return model.visual, state, TaskVectorStore(roots.pop(), tasks, base_hash=state_dict_hash(state))
+
+
+def splits(zoo: dict, tasks: Sequence[str], data: Sequence[str], split: str) -> list:
+    """Each task's ``split`` (``data``: the synthetic task files, empty for real zoos)."""
+    return [load_split(zoo, t, split, d) for t, d in zip(tasks, data or [None] * len(tasks), strict=True)]
+
+
+def heads_of(paths: Sequence[str]) -> list[torch.Tensor]:
+    return [load_head(p) for p in paths]
+
+
+def finetuned_models(paths: Sequence[str]) -> Lazy:
+    return Lazy(paths, load_encoder_state)
+
+
+def write_merge(merge: Merge, out: str, record: dict) -> dict:
+    """The merged encoder to ``out`` (safetensors) and ``record`` beside it (.json)."""
+    summary = merge.save(out)
+    write_json(record, Path(out).with_suffix(".json"))
+    return summary
+
+
+__all__ = ["Inputs", "Lazy", "finetuned_models", "heads_of", "job_seed", "open_store", "splits", "write_merge"]

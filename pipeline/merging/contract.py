@@ -1,0 +1,166 @@
+"""The method contract: what a merging method declares, what it is given, what it returns.
+
+Every method is one module of :mod:`pipeline.merging` with a settings dataclass (defaults
+cite their source) and one entry point ``run(inputs, settings) -> Merge``, registered once in
+:mod:`pipeline.merging.registry`. The workflow, the CLI, the report and the tests all reach a
+method through its registry entry (docs/architecture.md shows how to add one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+StateDict = dict[str, torch.Tensor]
+
+
+class Need(enum.Enum):
+    """What a method reads besides the pretrained encoder."""
+
+    TASK_VECTORS = "the task-vector store, streamed"
+    MODELS = "the fine-tuned encoders themselves"
+    TRAIN_DATA = "labelled training examples of each task"
+    TEST_DATA = "unlabeled test images of each task"
+
+
+@dataclass
+class Inputs:
+    """Everything a method may use; a method reads only what its ``needs`` name.
+
+    ``finetuned`` may be a lazy sequence (one model loaded per access), so that methods that
+    visit the models one at a time hold one in memory."""
+
+    pretrained: Mapping[str, torch.Tensor]  # the pretrained image encoder's state dict
+    tasks: Sequence[str] = ()
+    store: Any = None  # pipeline.store.task_vectors.TaskVectorStore over ``tasks``
+    encoder: nn.Module | None = None  # a module of the architecture (its weights get overwritten)
+    finetuned: Sequence[Mapping[str, torch.Tensor]] = ()
+    heads: Sequence[torch.Tensor] = ()  # per task the frozen zero-shot head
+    train: Sequence[Dataset] = ()  # per task the labelled training split
+    test: Sequence[torch.Tensor] = ()  # per task unlabeled test images
+    seed: int = 0
+    device: torch.device | str = "cpu"
+    budget_mib: float = 1024  # memory for task-vector blocks in flight when streaming
+    progress: bool = True
+
+
+class Merge(Protocol):
+    """A method's result: the merged encoder, in memory or written to a file."""
+
+    def state_dict(self) -> StateDict: ...
+
+    def save(self, path: str | Path) -> dict: ...
+
+
+@dataclass
+class MergedState:
+    """A merge computed in memory (methods that need models or data)."""
+
+    merged: StateDict
+    details: dict = field(default_factory=dict)  # method-specific outputs (AdaMerging's run, ...)
+
+    def state_dict(self) -> StateDict:
+        return self.merged
+
+    def save(self, path: str | Path) -> dict:
+        from pipeline.models.checkpoints import save_state_dict
+
+        save_state_dict(self.merged, path)
+        return {}
+
+
+@dataclass
+class StreamedMerge:
+    """pretrained + ``lam`` * reducer(task vectors), streamed from the store chunk by chunk.
+
+    ``vector()`` is the reducer's merged task vector (unscaled); searched methods choose
+    ``lam`` on it, the others fold their coefficients into the reducer and keep ``lam`` 1."""
+
+    inputs: Inputs
+    reducer: Any  # a reducer of pipeline.store.streaming (prepare, __call__, patches)
+    lam: float = 1.0
+    desc: str | None = None
+
+    def vector(self) -> StateDict:
+        from pipeline.store.streaming import merge_to_memory
+
+        return merge_to_memory(self.inputs.store, self.reducer, self.inputs.budget_mib, self.inputs.device,
+                               desc=self.desc)
+
+    def state_dict(self) -> StateDict:
+        return apply_vector(self.inputs.pretrained, self.vector(), self.lam)
+
+    def save(self, path: str | Path) -> dict:
+        """Write the merged encoder as safetensors within the memory budget; returns the
+        engine's summary (seconds, passes, bytes read)."""
+        from pipeline.store.streaming import merge_to_file
+
+        reducer = self.reducer if self.lam == 1.0 else Scaled(self.reducer, self.lam)
+        return merge_to_file(self.inputs.store, reducer, self.inputs.pretrained, path, self.inputs.budget_mib,
+                             self.inputs.device, desc=self.desc)
+
+
+@dataclass
+class Scaled:
+    """``lam`` times another reducer's output (and its patches)."""
+
+    reducer: Any
+    lam: float
+
+    def prepare(self, reader) -> None:
+        self.reducer.prepare(reader)
+
+    def __call__(self, key: str, span: slice, block: torch.Tensor) -> torch.Tensor:
+        return self.lam * self.reducer(key, span, block)
+
+    def patches(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        return [(key, index, self.lam * values) for key, index, values in self.reducer.patches()]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registry entry: a method's identity, needs, settings and entry point."""
+
+    name: str
+    label: str  # display name in tables and figures
+    paper: str  # citation of the method's paper
+    needs: frozenset[Need]
+    settings: type  # a dataclass of the method's settings
+    run: Callable[[Inputs, Any], Merge]
+    searched: bool = False  # lambda chosen on the validation split (the settings have ``lam``)
+    per_task: bool = False  # one model per task (task negation), not one merged model
+    synthetic_only: bool = False  # needs what only synthetic zoos have (joint training data)
+
+    def configure(self, values: Mapping[str, Any] | None = None, **overrides) -> Any:
+        """The settings from the config's mapping (lists become tuples); unknown keys are
+        refused, naming the method and its known settings."""
+        values = {**(values or {}), **overrides}
+        known = {f.name for f in dataclasses.fields(self.settings)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown settings {unknown}; known: {sorted(known)}")
+        return self.settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def apply_vector(pretrained: Mapping[str, torch.Tensor], vector: Mapping[str, torch.Tensor],
+                 lam: float) -> StateDict:
+    """``pretrained + lam * vector`` in fp32 for the keys of ``vector``, cast back to each
+    tensor's dtype; the other tensors of ``pretrained`` are kept."""
+    out = dict(pretrained)
+    for key, v in vector.items():
+        base = pretrained[key]
+        out[key] = (base.float() + lam * v.to(base.device)).to(base.dtype)
+    return out
+
+
+def default_device() -> torch.device:
+    """CUDA when present (Triton kernels), else CPU (torch twins)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,72 @@
+"""The one list of merging methods. Each line names a method, its label, its paper, what it
+needs and its module's settings and entry point (the contract: :mod:`pipeline.merging.contract`).
+
+The Snakefile derives its rules' method wildcards from here, the CLI checks names against it,
+the report takes its labels from it; nothing else lists methods.
+"""
+
+from __future__ import annotations
+
+from pipeline.merging import (
+    adamerging,
+    fisher_merging,
+    multitask,
+    regmean,
+    task_arithmetic,
+    task_negation,
+    ties_merging,
+    weight_averaging,
+)
+from pipeline.merging.contract import Method, Need
+
+STORE = frozenset({Need.TASK_VECTORS})
+MODELS_AND_TRAIN = frozenset({Need.MODELS, Need.TRAIN_DATA})
+MODELS_AND_TEST = frozenset({Need.MODELS, Need.TEST_DATA})
+ADAMERGING = "Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024"
+ADAMERGING_LABELS = {"task_wise": "Task-wise AdaMerging", "layer_wise": "Layer-wise AdaMerging",
+                     "task_wise_plus": "Task-wise AdaMerging++", "layer_wise_plus": "Layer-wise AdaMerging++"}
+
+_METHODS = [
+    Method("weight_averaging", "Weight Averaging", "Wortsman et al., Model soups, ICML 2022", STORE,
+           weight_averaging.Settings, weight_averaging.run),
+    Method("task_arithmetic", "Task Arithmetic", "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
+           STORE, task_arithmetic.Settings, task_arithmetic.run, searched=True),
+    Method("ties_merging", "TIES-Merging", "Yadav et al., TIES-Merging, NeurIPS 2023", STORE,
+           ties_merging.Settings, ties_merging.run, searched=True),
+    Method("fisher_merging", "Fisher Merging", "Matena & Raffel, Merging Models with Fisher-Weighted Averaging, "
+           "NeurIPS 2022", MODELS_AND_TRAIN, fisher_merging.Settings, fisher_merging.run),
+    Method("regmean", "RegMean", "Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, "
+           "ICLR 2023", MODELS_AND_TRAIN, regmean.Settings, regmean.run),
+    Method("multitask", "Traditional MTL", "joint fine-tuning on all tasks (the AdaMerging paper's upper bound)",
+           frozenset({Need.TRAIN_DATA}), multitask.Settings, multitask.run, synthetic_only=True),
+    Method("task_negation", "Task Negation", "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
+           STORE, task_negation.Settings, task_negation.run, per_task=True),
+] + [
+    Method(f"adamerging_{variant}", label, ADAMERGING, MODELS_AND_TEST, adamerging.Settings,
+           adamerging.runner(variant))
+    for variant, label in ADAMERGING_LABELS.items()
+]
+
+METHODS: dict[str, Method] = {m.name: m for m in _METHODS}
+
+
+def method(name: str) -> Method:
+    """The registry entry of ``name``; an unknown name is refused listing the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown merging method {name!r}; known: {sorted(METHODS)}") from None
+
+
+def names(needs: frozenset[Need] | None = None, *, searched: bool | None = None, per_task: bool = False,
+          synthetic: bool = True) -> list[str]:
+    """Names in registry order of the methods that need exactly ``needs`` (any when None),
+    are (not) ``searched``, are per task or not, and run on synthetic (or real) zoos."""
+    return [m.name for m in _METHODS
+            if (needs is None or m.needs == needs) and (searched is None or m.searched == searched)
+            and m.per_task == per_task and (synthetic or not m.synthetic_only)]
+
+
+def adamerging_variant(name: str) -> str:
+    """``adamerging_layer_wise`` -> ``layer_wise``."""
+    return name.removeprefix("adamerging_")

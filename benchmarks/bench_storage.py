@@ -68,8 +68,8 @@ def zoo_rows(workdir: Path) -> list[dict]:
     stores of the demo zoo's task vectors in each element type."""
     from pipeline.data.tasks import load_split
     from pipeline.evaluation import accuracy
-    from pipeline.merging import default_device, registry
-    from pipeline.merging.contract import Inputs
+    from pipeline.merging import registry
+    from pipeline.merging.contract import Inputs, default_device
     from pipeline.zoo.store import load_clip, load_encoder_state, load_head
 
     zoo = yaml.safe_load((REPO / "config/config.yaml").read_text())["zoo"]

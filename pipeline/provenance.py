@@ -4,9 +4,9 @@ Snakefile imports this at parse time).
 A job runs ``python -m pipeline VERB``: the CLI, the verb's command module and everything
 they import inside ``pipeline/`` and ``kernels/`` (module-level and function-level imports,
 found by walking the source's ``ast``; a package's ``__init__`` counts, as importing a
-submodule runs it). The registry imports every method module but a job runs only the
-methods it names, so the walk does not follow the registry's imports of method modules:
-a job that dispatches by name adds those methods' modules itself (``methods``).
+submodule runs it). The registry imports every method module, but a job runs only the
+methods it names: the walk takes the registry's own source (names, labels, needs) and does
+not follow its imports; a job that dispatches methods by name adds their modules itself.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 PACKAGES = ("pipeline", "kernels")
 # module -> the only modules the walk follows from it
-LEAVES = {"pipeline.merging.registry": ("pipeline.merging.contract",)}
+LEAVES: dict[str, tuple[str, ...]] = {"pipeline.merging.registry": ()}
 
 
 def module_file(root: Path, module: str) -> Path | None:

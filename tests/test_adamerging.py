@@ -110,7 +110,7 @@ def test_no_steps_is_task_arithmetic(zoo):
 
 
 def _ties_parts_reference(tvs, k):
-    """TIES (DESIGN section 6) with kthvalue: trimmed, sign-elected, disjoint parts."""
+    """TIES (the semantics of kernels.ties_merge) with kthvalue: trimmed, sign-elected, disjoint parts."""
     d = tvs.shape[1]
     kth = tvs.abs().kthvalue(d - int(d * k / 100), dim=1, keepdim=True).values
     trimmed = tvs * (tvs.abs() >= kth)

@@ -59,7 +59,7 @@ def unflatten(pre, flat: torch.Tensor, lam: float) -> dict:
 
 
 def dense_ties(tvs: torch.Tensor, k: float, merge: str) -> torch.Tensor:
-    """DESIGN section 6 semantics, written directly."""
+    """TIES semantics (kernels.ties_merge docstring), written directly."""
     d = tvs.shape[1]
     keep = math.floor(d * k / 100)
     mags = tvs.abs()

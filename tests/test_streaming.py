@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kernels import ties_merge, ties_thresholds
-from pipeline.merging import apply_vector, registry
-from pipeline.merging.contract import Inputs
+from pipeline.merging import registry
+from pipeline.merging.contract import Inputs, apply_vector
 from pipeline.store.streaming import (Linear, Reader, Ties, exact_thresholds, merge_to_file,
                                       merge_to_memory)
 from pipeline.store.task_vectors import Storage, TaskVectorStore, write_diffs

@@ -1,13 +1,14 @@
 """The micro workflow end to end: outputs, zoo quality, nothing-to-do reruns, incremental add-task."""
 
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from workflow_helpers import snakemake
+from workflow_helpers import REPO, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -63,6 +64,46 @@ def test_second_run_has_nothing_to_do(micro_run: Path):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+def params_changed(dry_run_stdout: str) -> set[str]:
+    """The rules of a dry run's jobs that would rerun because their params changed."""
+    jobs = re.split(r"\n(?=\[.*\]\n(?:local)?rule )", dry_run_stdout)
+    return {re.search(r"rule (\w+):", job).group(1) for job in jobs
+            if re.search(r"rule (\w+):", job) and "reason: Params have changed" in job}
+
+
+def test_code_edits_rerun_exactly_the_jobs_that_import_them(micro_run: Path, tmp_path: Path):
+    """The code version of a job covers every module it imports (pipeline/provenance.py):
+    a comment added to a module reruns exactly the jobs whose code imports it."""
+    clone = tmp_path / "clone"
+    for name in ("workflow", "pipeline", "kernels"):
+        shutil.copytree(REPO / name, clone / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "Snakefile", clone / "Snakefile")
+
+    def edited(module: str) -> set[str]:
+        path = clone / module
+        original = path.read_text()
+        path.write_text(original + "\n# an edit that changes no behaviour\n")
+        try:
+            proc = snakemake("-n", "--nolock", "--cores", "2", "--configfile", "config/micro.yaml", cwd=micro_run,
+                             repo=clone)
+        finally:
+            path.write_text(original)
+        return params_changed(proc.stdout)
+
+    proc = snakemake("-n", "--nolock", "--cores", "2", "--configfile", "config/micro.yaml", cwd=micro_run, repo=clone)
+    assert "Nothing to be done" in proc.stdout + proc.stderr  # the copy's code versions are the project's
+    streaming_users = {  # merges that stream the store, and everything that runs one of them
+        "merge_task_vectors", "lambda_search", "task_negation", "analysis_sensitivity", "analysis_surrogate",
+        "analysis_robustness_run", "analysis_robustness", "analysis_unseen_run", "analysis_unseen", "analysis_pem",
+        "report",
+    }
+    assert edited("pipeline/store/streaming.py") == streaming_users
+    assert edited("pipeline/report.py") == {"report"}
+    assert edited("pipeline/merging/regmean.py") == {"merge_with_data"}
+    assert edited("pipeline/evaluation.py") >= {"evaluate_zeroshot", "evaluate_merged", "lambda_search"}
+    assert "evaluate_merged" not in edited("pipeline/merging/ties_merging.py")
+
+
 def test_adding_a_task_reruns_only_its_jobs_and_the_whole_set_jobs(micro_run: Path):
     cfg = yaml.safe_load((micro_run / "config/micro.yaml").read_text())
     cfg["zoo"]["tasks"].append("count")
@@ -75,8 +116,9 @@ def test_adding_a_task_reruns_only_its_jobs_and_the_whole_set_jobs(micro_run: Pa
         "evaluate_individual": 1,
         # the jobs that consume the whole task set (the other tasks' negations are re-evaluated
         # because their evaluation covers every task)
-        "evaluate_zeroshot": 1, "merge_weight_averaging": 1, "lambda_search": 2, "merge_with_data": 2,
-        "multitask": 1, "evaluate_merged": n_methods, "evaluate_negation": len(cfg["zoo"]["tasks"]),
+        "evaluate_zeroshot": 1, "merge_task_vectors": 1, "lambda_search": 2,
+        "merge_with_data": 3,  # Fisher, RegMean, multi-task learning
+        "evaluate_merged": n_methods, "evaluate_negation": len(cfg["zoo"]["tasks"]),
         "adamerging": 4, "evaluate_adamerging": 4,
         # analyses over the whole task set; the unseen-task split (the last two tasks) moves;
         # the robustness merge (the first four tasks) is unchanged

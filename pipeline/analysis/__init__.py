@@ -1,4 +1,4 @@
-"""Analyses of the merged models (DESIGN section 7): each writes a parquet table, then a
+"""Analyses of the merged models (docs/architecture.md): each writes a parquet table, then a
 matplotlib figure (PNG), which the report embeds.
 
 - :mod:`.sensitivity`: accuracy of Task Arithmetic and TIES over the lambda grid;

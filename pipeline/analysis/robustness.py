@@ -106,8 +106,8 @@ def run(zoo: dict, pretrained: str, store_paths: Sequence[str], finetuned: Seque
     from pathlib import Path
 
     from pipeline.analysis.common import load_encoder, task_splits
-    from pipeline.merging import default_device, task_arithmetic, ties_merging
-    from pipeline.merging.contract import Inputs
+    from pipeline.merging import task_arithmetic, ties_merging
+    from pipeline.merging.contract import Inputs, default_device
     from pipeline.merging.adamerging import Settings, adamerge
     from pipeline.models.checkpoints import state_dict_hash
     from pipeline.store.task_vectors import TaskVectorStore

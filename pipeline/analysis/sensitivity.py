@@ -67,8 +67,8 @@ def run(zoo: dict, pretrained: str, store_paths: Sequence[str], search_files: Se
     from pathlib import Path
 
     from pipeline.analysis.common import load_encoder, task_splits
-    from pipeline.merging import default_device, registry
-    from pipeline.merging.contract import Inputs
+    from pipeline.merging import registry
+    from pipeline.merging.contract import Inputs, default_device
     from pipeline.models.checkpoints import state_dict_hash
     from pipeline.store.task_vectors import TaskVectorStore
 

@@ -41,7 +41,7 @@ def sample_table(encoder, pretrained, vector, lambdas: Sequence[float], tasks, b
     ((name, head, dataset)), at most ``max_samples`` per task (0: all)."""
     from torch.utils.data import Subset
 
-    from pipeline.merging import apply_vector
+    from pipeline.merging.contract import apply_vector
 
     parts = []
     for lam in lambdas:

@@ -35,8 +35,8 @@ def run_baselines(zoo: dict, pretrained: str, store_paths: Sequence[str], tasks:
     from pathlib import Path
 
     from pipeline.analysis.common import load_encoder, task_splits
-    from pipeline.merging import default_device, task_arithmetic, ties_merging
-    from pipeline.merging.contract import Inputs
+    from pipeline.merging import task_arithmetic, ties_merging
+    from pipeline.merging.contract import Inputs, default_device
     from pipeline.models.checkpoints import state_dict_hash
     from pipeline.store.task_vectors import TaskVectorStore
 

@@ -11,9 +11,9 @@ from torch.utils.data import Subset
 from pipeline.commands.loading import finetuned_models, heads_of, splits
 from pipeline.data.tasks import as_tensors
 from pipeline.io import write_parquet
-from pipeline.merging import default_device, registry
+from pipeline.merging import registry
 from pipeline.merging.adamerging import entropy_table, lambda_table
-from pipeline.merging.contract import Inputs
+from pipeline.merging.contract import Inputs, default_device
 from pipeline.models.checkpoints import save_state_dict
 from pipeline.zoo.store import load_clip
 

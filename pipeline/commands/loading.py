@@ -10,8 +10,6 @@ from typing import Any
 import torch
 
 from pipeline.data.tasks import load_split
-from pipeline.io import write_json
-from pipeline.merging.contract import Inputs, Merge
 from pipeline.models.checkpoints import state_dict_hash
 from pipeline.store.task_vectors import TaskVectorStore
 from pipeline.zoo.store import load_clip, load_encoder_state, load_head
@@ -61,13 +59,3 @@ def heads_of(paths: Sequence[str]) -> list[torch.Tensor]:
 
 def finetuned_models(paths: Sequence[str]) -> Lazy:
     return Lazy(paths, load_encoder_state)
-
-
-def write_merge(merge: Merge, out: str, record: dict) -> dict:
-    """The merged encoder to ``out`` (safetensors) and ``record`` beside it (.json)."""
-    summary = merge.save(out)
-    write_json(record, Path(out).with_suffix(".json"))
-    return summary
-
-
-__all__ = ["Inputs", "Lazy", "finetuned_models", "heads_of", "job_seed", "open_store", "splits", "write_merge"]

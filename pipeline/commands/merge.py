@@ -8,16 +8,23 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.commands.loading import finetuned_models, heads_of, open_store, splits, write_merge
+from pipeline.commands.loading import finetuned_models, heads_of, open_store, splits
 from pipeline.io import write_json, write_parquet
-from pipeline.merging import apply_vector, default_device, registry
-from pipeline.merging.contract import Inputs, Need
+from pipeline.merging import registry
+from pipeline.merging.contract import Inputs, Merge, Need, apply_vector, default_device
 from pipeline.merging.lambda_search import grid as lambda_grid
 from pipeline.merging.lambda_search import search
 from pipeline.models.checkpoints import save_state_dict
 from pipeline.zoo.store import load_clip
 
 log = logging.getLogger(__name__)
+
+
+def write_merge(merge: Merge, out: str, record: dict) -> dict:
+    """The merged encoder to ``out`` (safetensors) and ``record`` beside it (.json)."""
+    summary = merge.save(out)
+    write_json(record, Path(out).with_suffix(".json"))
+    return summary
 
 
 def merge(zoo: dict, method: str, pretrained: str, out: str, tasks: list[str] = (),

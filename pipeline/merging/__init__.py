@@ -8,7 +8,3 @@ the pretrained weights. Fisher merging and RegMean need the fine-tuned models an
 training examples; multi-task learning trains jointly; AdaMerging learns its coefficients on
 unlabeled test images.
 """
-
-from pipeline.merging.contract import StateDict, apply_vector, default_device
-
-__all__ = ["StateDict", "apply_vector", "default_device"]

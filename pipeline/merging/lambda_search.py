@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from pipeline.evaluation import accuracy
-from pipeline.merging import apply_vector
+from pipeline.merging.contract import apply_vector
 
 
 def grid(start: float, stop: float, step: float) -> list[float]:

@@ -23,8 +23,6 @@ STORE = frozenset({Need.TASK_VECTORS})
 MODELS_AND_TRAIN = frozenset({Need.MODELS, Need.TRAIN_DATA})
 MODELS_AND_TEST = frozenset({Need.MODELS, Need.TEST_DATA})
 ADAMERGING = "Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024"
-ADAMERGING_LABELS = {"task_wise": "Task-wise AdaMerging", "layer_wise": "Layer-wise AdaMerging",
-                     "task_wise_plus": "Task-wise AdaMerging++", "layer_wise_plus": "Layer-wise AdaMerging++"}
 
 _METHODS = [
     Method("weight_averaging", "Weight Averaging", "Wortsman et al., Model soups, ICML 2022", STORE,
@@ -42,9 +40,9 @@ _METHODS = [
     Method("task_negation", "Task Negation", "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
            STORE, task_negation.Settings, task_negation.run, per_task=True),
 ] + [
-    Method(f"adamerging_{variant}", label, ADAMERGING, MODELS_AND_TEST, adamerging.Settings,
-           adamerging.runner(variant))
-    for variant, label in ADAMERGING_LABELS.items()
+    Method(f"adamerging_{variant}", f"{'Layer' if layer_wise else 'Task'}-wise AdaMerging{'++' if plus else ''}",
+           ADAMERGING, MODELS_AND_TEST, adamerging.Settings, adamerging.runner(variant))
+    for variant, (layer_wise, plus) in adamerging.VARIANTS.items()
 ]
 
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}

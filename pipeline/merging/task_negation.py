@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.merging.contract import Inputs, StreamedMerge
+from pipeline.merging.contract import Inputs
+from pipeline.merging.streamed import StreamedMerge
 from pipeline.store.streaming import Linear
 
 

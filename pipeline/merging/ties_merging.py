@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.merging.contract import Inputs, StreamedMerge
+from pipeline.merging.contract import Inputs
+from pipeline.merging.streamed import StreamedMerge
 from pipeline.store.streaming import Ties
 
 MERGES = ("mean", "sum")

@@ -1,15 +1,7 @@
-# Analysis stage (DESIGN section 7): each rule writes a parquet table and a figure (PNG),
+# Analysis stage (the paper's analyses): each rule writes a parquet table and a figure (PNG),
 # which the report embeds. Config `analysis` (every section optional, `enabled` by default).
 
-CORRUPTIONS = [
-    "motion_blur",
-    "impulse_noise",
-    "gaussian_noise",
-    "pixelate",
-    "spatter",
-    "contrast",
-    "jpeg_compression",
-]
+from pipeline.analysis.corruptions import CORRUPTIONS
 
 
 ROBUST_TASKS = list(analysis_cfg("robustness")["tasks"] or TASKS[:4])

@@ -58,3 +58,39 @@ def test_heldout_task_overlap_is_refused(tmp_path: Path):
     proc = snakemake("-n", "--configfile", "bad.yaml", cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "heldout_tasks" in proc.stderr + proc.stdout
+
+
+def test_schema_lists_match_their_one_source():
+    """The schema's enums of AdaMerging variants and corruptions are the registry's and the
+    corruption module's (JSON Schema cannot import them; this keeps the copies equal)."""
+    from pipeline.analysis.corruptions import CORRUPTIONS
+    from pipeline.merging import registry
+
+    analysis = yaml.safe_load(Path(SCHEMA).read_text())["properties"]["analysis"]["properties"]
+    variants = [registry.adamerging_variant(m) for m in registry.names(registry.MODELS_AND_TEST)]
+    assert analysis["robustness"]["properties"]["variant"]["enum"] == variants
+    assert analysis["unseen"]["properties"]["variants"]["items"]["enum"] == variants
+    assert analysis["unseen"]["properties"]["variants"]["default"] == variants
+    assert analysis["robustness"]["properties"]["corruptions"]["items"]["enum"] == list(CORRUPTIONS)
+    assert analysis["robustness"]["properties"]["corruptions"]["default"] == list(CORRUPTIONS)
+
+
+def test_schema_defaults_are_the_settings_defaults():
+    """Every default of a method's config section equals its settings dataclass default."""
+    import dataclasses
+
+    from pipeline.merging import registry
+
+    merging = yaml.safe_load(Path(SCHEMA).read_text())["properties"]["merging"]["properties"]
+    job_keys = {"enabled", "max_images", "gpus"}  # workflow settings, not the method's
+    for name, section in merging.items():
+        spec = registry.METHODS.get("adamerging_layer_wise" if name == "adamerging" else name)
+        if spec is None or "properties" not in section:
+            continue
+        fields = {f.name: f.default for f in dataclasses.fields(spec.settings)}
+        for key, prop in section["properties"].items():
+            if key in job_keys:
+                continue
+            assert key in fields, f"merging.{name}.{key} is not a setting of {spec.name}"
+            default = prop["default"]
+            assert (tuple(default) if isinstance(default, list) else default) == fields[key], f"merging.{name}.{key}"

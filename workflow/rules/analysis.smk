@@ -199,7 +199,7 @@ rule analysis_robustness_run:
     benchmark:
         f"{BENCH}/analysis/robustness_{{corruption}}.tsv"
     wildcard_constraints:
-        corruption="|".join(["clean"] + CORRUPTIONS),
+        corruption="|".join(["clean", *CORRUPTIONS]),
     conda:
         ENV
     threads: THREADS

@@ -18,7 +18,7 @@ coefficients) needs one pass over the store; exact TIES needs statistics first:
 So exact TIES reads the store about twice. On CPU, large merges run the per-block work
 through ``torch.compile`` (one fused loop instead of a dozen eager passes; bit-identical). Reads run in a thread pool ahead of the compute,
 holding at most half a memory budget's worth of blocks; the merged model is written tensor by
-tensor into a safetensors file (:class:`SafetensorsWriter`). Memory: the budget, one
+tensor into a safetensors file (``models.checkpoints.SafetensorsWriter``). Memory: the budget, one
 pretrained tensor, and for TIES the sample (4 MiB per task) and the band's candidates (0.8%
 of the store's entries, narrowed to at most an eighth of the budget on very large stores;
 the histogram fallback collects one 16-bit bucket per task, which is not bounded).
@@ -29,11 +29,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import json
 import logging
 import math
 import os
-import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,6 +45,7 @@ from tqdm import tqdm
 
 from kernels import TiesStats, ties_apply
 from kernels.ties_merge import n_keep, ties_trimmed_sum
+from pipeline.models.checkpoints import SafetensorsWriter
 from pipeline.store.task_vectors import TaskVectorStore
 
 DEFAULT_BUDGET_MIB = 1024
@@ -306,59 +305,6 @@ def _histogram_thresholds(reader: Reader, spans: list, tasks: list[int], top: in
         cand = torch.cat(inside[i])
         out[i] = cand.kthvalue(len(cand) - (top - int(above[i])) + 1).values
     return out
-
-
-class SafetensorsWriter:
-    """Write a safetensors file tensor by tensor, in the order of ``specs`` (name, dtype,
-    shape), chunks of a tensor in order; a temporary file renamed on ``close``."""
-
-    _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-               torch.uint8: "U8", torch.bool: "BOOL"}
-
-    def __init__(self, path: str | Path, specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
-                 metadata: Mapping[str, str] | None = None):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        header, offset = {}, 0
-        if metadata:
-            header["__metadata__"] = dict(metadata)
-        self.offsets: dict[str, tuple[int, int, torch.dtype]] = {}
-        for name, dtype, shape in specs:
-            size = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": self._DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            self.offsets[name] = (offset, offset + size, dtype)
-            offset += size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.data_start = 8 + len(raw)
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self.file = open(self.tmp, "wb")
-        self.file.write(struct.pack("<Q", len(raw)) + raw)
-
-    def write(self, name: str, values: torch.Tensor) -> None:
-        """Append the next ``values`` (flat, the tensor's dtype) of tensor ``name``."""
-        start, end, dtype = self.offsets[name]
-        pos = self.file.tell() - self.data_start
-        if not start <= pos < end or values.dtype != dtype:
-            raise ValueError(f"{name}: writes must follow the header order and dtype {dtype}")
-        self.file.write(values.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-
-    def close(self, patches: Sequence[tuple[str, torch.Tensor, torch.Tensor]] = ()) -> Path:
-        """Overwrite single entries (flat index, value) of written tensors, then publish."""
-        for name, index, values in patches:
-            start, _, dtype = self.offsets[name]
-            data = values.to(dtype).view(torch.uint8).reshape(len(index), -1).numpy()
-            for i, row in zip(index.tolist(), data):
-                self.file.seek(self.data_start + start + i * dtype.itemsize)
-                self.file.write(row.tobytes())
-        self.file.close()
-        os.replace(self.tmp, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
 
 
 class LazyStateDict(Mapping):

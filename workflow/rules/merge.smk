@@ -2,7 +2,12 @@
 # Task Arithmetic and TIES choose lambda on the validation split; Fisher merging and RegMean
 # read the fine-tuned encoders and training examples; multi-task learning trains jointly.
 
-MERGE_CODE = ["merging/__init__.py", "store/task_vectors.py", "store/streaming.py"]
+MERGE_CODE = [
+    "merging/__init__.py",
+    "store/task_vectors.py",
+    "store/streaming.py",
+    "models/checkpoints.py",
+]
 
 
 rule merge_weight_averaging:

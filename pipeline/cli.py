@@ -29,13 +29,13 @@ def _threads(n: int) -> None:
 def cmd_task_data(a) -> None:
     import numpy as np
 
+    from pipeline.io import atomic_path
     from pipeline.zoo.synthetic_zoo import build_task_data
 
     syn = a.zoo["synthetic"]
     data = build_task_data(a.task, a.zoo["seed"], syn["sizes"], syn["domains"])
-    tmp = Path(a.out).with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **data)
-    tmp.replace(a.out)
+    with atomic_path(a.out) as tmp, open(tmp, "wb") as f:  # a file object: numpy appends no .npz
+        np.savez_compressed(f, **data)
     log.info("task %s: %s", a.task, {k: v.shape for k, v in data.items()})
 
 

@@ -115,7 +115,13 @@ def _spread(spans: list[tuple[str, slice]], n: int) -> list[tuple[str, slice]]:
 
 
 def exact_thresholds(reader: Reader, k: float, sample: int = 1 << 20, band: float = 0.004) -> torch.Tensor:
-    """Per-task exact top-``k``% magnitude thresholds (the semantics of ``kernels.ties_merge``)."""
+    """Per-task exact top-``k``% magnitude thresholds (the semantics of ``kernels.ties_merge``).
+
+    A second exact select beside ``kernels.ties_thresholds``, on purpose: the store path must
+    hold a fixed memory budget over chunks read from disk and read them about once, whereas
+    the kernels' twin selects on the whole resident tensor (kthvalue) and their Triton radix
+    select reads every chunk 4 times; the twin stays the plain reference this is tested against.
+    """
     n_tasks, d = len(reader.store.tasks), reader.store.numel()
     keep = n_keep(d, k)
     if keep == d:

@@ -1,6 +1,8 @@
 # Evaluation stage: top-1 accuracy of each model on each task's test split, into parquet.
 
-EVAL_CODE = code_version("evaluation.py", "data/tasks.py", "zoo/store.py")
+EVAL_CODE = code_version(
+    "evaluation.py", "data/tasks.py", "data/synthetic.py", "zoo/store.py"
+)
 
 
 rule evaluate_zeroshot:

@@ -67,7 +67,9 @@ if SOURCE == "synthetic":
             runtime=30,
         params:
             zoo=zoo_json("synthetic.finetune"),
-            code=code_version("zoo/synthetic_zoo.py", "models/clip.py"),
+            code=code_version(
+                "zoo/synthetic_zoo.py", "data/synthetic.py", "models/clip.py"
+            ),
         shell:
             "python -m pipeline finetune --zoo {params.zoo:q} --task {wildcards.task} "
             "--pretrained {input.pretrained} --head {input.head} --data {input.data} "

@@ -94,7 +94,8 @@ def sequential_read(store: TaskVectorStore) -> tuple[float, int]:
 
 OURS = r"""
 import json, sys, torch
-from pipeline.store.streaming import LazyStateDict, Ties, merge_to_file
+from pipeline.merging.ties_merging import Ties
+from pipeline.store.streaming import LazyStateDict, merge_to_file
 from pipeline.store.task_vectors import TaskVectorStore
 root, tasks, pretrained, out, budget = sys.argv[1], sys.argv[2].split(","), sys.argv[3], sys.argv[4], float(sys.argv[5])
 torch.set_num_threads(2)

@@ -22,7 +22,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.bench_scale import drop_caches, encoder_state, synthesise  # noqa: E402
-from pipeline.store.streaming import Reader, Ties, merge_to_memory  # noqa: E402
+from pipeline.merging.ties_merging import Ties  # noqa: E402
+from pipeline.store.streaming import Reader, merge_to_memory  # noqa: E402
 from pipeline.store.task_vectors import Storage, TaskVectorStore, write_task_vector  # noqa: E402
 
 LAYOUTS = [  # dtype, codec, level, chunk MiB

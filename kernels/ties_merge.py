@@ -216,7 +216,12 @@ def ties_trimmed_sum(chunk: torch.Tensor, thresholds: torch.Tensor) -> torch.Ten
 
 
 def ties_thresholds(tvs: torch.Tensor | Chunks, k: float, backend: str = "auto") -> torch.Tensor:
-    """Per-task magnitude thresholds (K,) fp32 of the top ``k`` percent (see module doc)."""
+    """Per-task magnitude thresholds (K,) fp32 of the top ``k`` percent (see module doc).
+
+    Two exact selects on purpose: the store's (``exact_thresholds``, pipeline/merging/ties_merging.py)
+    must keep a fixed memory budget over chunks read from disk; this one works on resident chunks,
+    where the twin's kthvalue is the plain reference both are tested against.
+    """
     chunks = _as_chunks(tvs)
     first = _first_chunk(chunks)
     if resolve_backend(backend, first) == "triton":

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from kernels import ties_merge, ties_thresholds
 from pipeline.merging import registry
 from pipeline.merging.contract import Inputs, apply_vector
-from pipeline.store.streaming import (Linear, Reader, Ties, exact_thresholds, merge_to_file,
-                                      merge_to_memory)
+from pipeline.merging.ties_merging import Ties, exact_thresholds
+from pipeline.store.streaming import Linear, Reader, merge_to_file, merge_to_memory
 from pipeline.store.task_vectors import Storage, TaskVectorStore, write_diffs
 from workflow_helpers import REPO
 
@@ -172,7 +172,8 @@ def test_storage_formats_round_trip(tmp_path, storage):
 PROBE = r"""
 import json, os, sys, threading, time, torch
 from pipeline.store.task_vectors import TaskVectorStore
-from pipeline.store.streaming import merge_to_file, Ties
+from pipeline.merging.ties_merging import Ties
+from pipeline.store.streaming import merge_to_file
 root, out, mode = sys.argv[1:4]
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 warm = TaskVectorStore(root, ["warm"])  # loads the codecs, thread pools and kernels first

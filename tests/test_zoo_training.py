@@ -5,8 +5,9 @@ import copy
 import torch
 
 from pipeline.data import synthetic as syn
+from pipeline.data.synthetic import to_tensor
 from pipeline.models.checkpoints import state_dict_hash
-from pipeline.zoo.synthetic_zoo import build_task_data, finetune, pretrain, to_tensor, zero_shot_head
+from pipeline.zoo.synthetic_zoo import build_task_data, finetune, pretrain, zero_shot_head
 
 PRETRAIN = dict(arch="synth-vit-tiny", corpus=256, steps=3, batch_size=32, lr=1e-3, weight_decay=0.1, warmup=1)
 FINETUNE = dict(steps=3, batch_size=16, lr=1e-3, weight_decay=0.0, warmup=1)

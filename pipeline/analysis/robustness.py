@@ -21,7 +21,7 @@ METHODS = ["task_arithmetic", "ties_merging", "adamerging"]
 def norm_stats(zoo: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the zoo's image normalisation, shaped (1, 3, 1, 1)."""
     if zoo["source"] == "synthetic":
-        from pipeline.zoo.synthetic_zoo import MEAN, STD
+        from pipeline.data.synthetic import MEAN, STD
 
         mean, std = [MEAN] * 3, [STD] * 3
     else:

@@ -10,7 +10,7 @@ import numpy as np
 from pipeline.commands.loading import job_seed
 from pipeline.data.synthetic import vocabulary
 from pipeline.data.tasks import as_tensors, load_split
-from pipeline.io import write_json
+from pipeline.io import atomic_path, write_json
 from pipeline.models.checkpoints import save_state_dict
 from pipeline.zoo import synthetic_zoo
 from pipeline.zoo.lora import add_adapters, factors
@@ -23,9 +23,8 @@ def task_data(zoo: dict, task: str, out: str) -> None:
     """Render the train/val/test splits of one synthetic task (npz)."""
     syn = zoo["synthetic"]
     data = synthetic_zoo.build_task_data(task, zoo["seed"], syn["sizes"], syn["domains"])
-    tmp = Path(out).with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **data)
-    tmp.replace(out)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:  # a file object: numpy appends no .npz
+        np.savez_compressed(f, **data)
     log.info("task %s: %s", task, {k: v.shape for k, v in data.items()})
 
 

@@ -13,8 +13,10 @@ import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 IMAGE_SIZE = 32
+MEAN, STD = 0.5, 0.25  # image normalisation of the synthetic zoo (every channel)
 
 SHAPES = ["circle", "square", "triangle", "cross", "ring", "diamond"]
 COLOURS = {
@@ -287,3 +289,9 @@ def vocabulary() -> list[str]:
             for c in attr.classnames:
                 words.update(t.format(c).split())
     return sorted(words)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC images -> normalised float32 NCHW tensor."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - MEAN) / STD

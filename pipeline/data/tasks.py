@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from pipeline.zoo.synthetic_zoo import to_tensor
+from pipeline.data.synthetic import to_tensor
 
 SPLITS = ("train", "val", "test")
 

@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic safetensors writes, content hashes, and loading fine-tuned image
+"""Checkpoint files: atomic safetensors writes (whole state dicts, or streamed tensor by
+tensor with :class:`SafetensorsWriter`), content hashes, and loading fine-tuned image
 encoders from the formats the community publishes into open_clip image-encoder state dicts
 (the keys of ``open_clip.create_model(arch).visual.state_dict()``).
 
@@ -16,21 +17,23 @@ Accepted by :func:`load_state_dict`:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
-import os
+import math
 import pickle
-import tempfile
+import struct
 import types
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.io import atomic_path
 from pipeline.models.hf_clip import HF_PATCH_KEY, hf_vision_to_open_clip
 
 StateDict = dict[str, torch.Tensor]
@@ -41,8 +44,6 @@ _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
     """Write ``state_dict`` as safetensors (contiguous CPU tensors) through a temporary file in
     the same folder and a rename, so a killed job never leaves a half-written ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors, storages = {}, set()
     for key, value in state_dict.items():
         tensor = value.detach().cpu().contiguous()
@@ -51,14 +52,70 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path) ->
             tensor = tensor.clone()
         storages.add(tensor.untyped_storage().data_ptr())
         tensors[key] = tensor
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, in the order of ``specs`` (name, dtype,
+    shape), chunks of a tensor in order; a temporary file (:func:`pipeline.io.atomic_path`)
+    renamed on ``close``, removed on ``abort``."""
+
+    _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+               torch.uint8: "U8", torch.bool: "BOOL"}
+
+    def __init__(self, path: str | Path, specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+                 metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        header, offset = {}, 0
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        self.offsets: dict[str, tuple[int, int, torch.dtype]] = {}
+        for name, dtype, shape in specs:
+            size = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": self._DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self.offsets[name] = (offset, offset + size, dtype)
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.data_start = 8 + len(raw)
+        self._target = atomic_path(self.path)
+        self.tmp = self._target.tmp
+        try:
+            self.file = open(self.tmp, "wb")
+            self.file.write(struct.pack("<Q", len(raw)) + raw)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, name: str, values: torch.Tensor) -> None:
+        """Append the next ``values`` (flat, the tensor's dtype) of tensor ``name``."""
+        start, end, dtype = self.offsets[name]
+        pos = self.file.tell() - self.data_start
+        if not start <= pos < end or values.dtype != dtype:
+            raise ValueError(f"{name}: writes must follow the header order and dtype {dtype}")
+        self.file.write(values.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+    def close(self, patches: Sequence[tuple[str, torch.Tensor, torch.Tensor]] = ()) -> Path:
+        """Overwrite single entries (flat index, value) of written tensors, then publish."""
+        for name, index, values in patches:
+            start, _, dtype = self.offsets[name]
+            data = values.to(dtype).view(torch.uint8).reshape(len(index), -1).numpy()
+            for i, row in zip(index.tolist(), data):
+                self.file.seek(self.data_start + start + i * dtype.itemsize)
+                self.file.write(row.tobytes())
+        self.file.close()
+        return self._target.commit()
+
+    def abort(self) -> None:
+        """Drop the temporary file; never raises (closing it may fail, e.g. on a full disk)."""
+        try:
+            with contextlib.suppress(Exception):  # the file is thrown away: the caller's error matters
+                if getattr(self, "file", None) is not None:
+                    self.file.close()
+        finally:
+            self._target.discard()
 
 
 def sha256_file(path: str | Path) -> str:

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,8 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+import zarr.storage
 from tqdm import tqdm
 
+from pipeline.io import atomic_path
 from pipeline.models.checkpoints import check_compatible, check_finite, sha256_file, state_dict_hash
 
 DEFAULT_CHUNK_MIB = 4.0
@@ -92,12 +92,10 @@ def _ensure_root(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     if (root / "zarr.json").exists():
         return
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.root.", suffix=".tmp"))
-    try:
-        zarr.open_group(str(tmp), mode="w", attributes={"content": "task vectors"})
-        os.replace(tmp / "zarr.json", root / "zarr.json")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    metadata: dict = {}
+    zarr.open_group(zarr.storage.MemoryStore(metadata), mode="w", attributes={"content": "task vectors"})
+    with atomic_path(root / "zarr.json", dir=root.parent, prefix=f".{root.name}.root.") as tmp:
+        tmp.write_bytes(metadata["zarr.json"].to_bytes())
 
 
 def write_task_vector(root: str | Path, task: str, pretrained: Mapping[str, torch.Tensor],
@@ -127,15 +125,14 @@ def write_diffs(root: str | Path, task: str, diffs: Iterable[tuple[str, torch.Te
                 base_hash: str, source_sha256: str, chunk_mib: float = DEFAULT_CHUNK_MIB,
                 storage: Storage = Storage()) -> Path:
     """Write one task's vector from ``(key, fp32 difference, source dtype)`` items, one tensor
-    in memory at a time, atomically (temporary subgroup, then a rename)."""
+    in memory at a time, atomically (a temporary subgroup beside the store, then a rename)."""
     root = Path(root)
     _ensure_root(root)
     final = root / task
     for stale in root.parent.glob(f".{root.name}.{task}.*.tmp"):  # left by a killed earlier write
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.{task}.", suffix=".tmp"))
     n_chunk = chunk_elements(chunk_mib, storage.itemsize)
-    try:
+    with atomic_path(final, directory=True, dir=root.parent, prefix=f".{root.name}.{task}.") as tmp:
         group = zarr.open_group(str(tmp), mode="w", attributes={
             "task": task, "base_hash": base_hash, "source_sha256": source_sha256,
             "chunk_elements": n_chunk, "storage": asdict(storage)})
@@ -150,11 +147,6 @@ def write_diffs(root: str | Path, task: str, diffs: Iterable[tuple[str, torch.Te
             array[:] = storage.encode(diff.reshape(-1))
             keys.append(key)
         group.attrs.update({"keys": keys, "complete": True})  # last: readers trust only complete subgroups
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -16,15 +16,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.data import synthetic as syn
+from pipeline.data.synthetic import to_tensor
 from pipeline.models.clip import WordTokenizer, create_model, logits, zero_shot_weights
-
-MEAN, STD = 0.5, 0.25
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC images -> normalised float32 NCHW tensor."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-    return (x - MEAN) / STD
 
 
 def digit_pools(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -85,30 +85,25 @@ def plot(rows: pd.DataFrame, path: str) -> None:
     save_figure(fig, path)
 
 
-def run(zoo: dict, pretrained: str, tasks: Sequence[str], finetuned: Sequence[str], lora: Sequence[str],
-        heads: Sequence[str], data: Sequence[str], lambdas: Sequence[float], negation_lam: float, settings: dict,
-        max_images: int, batch_size: int) -> pd.DataFrame:
-    """The composition table for full fine-tuning (``finetuned`` checkpoints) and LoRA
-    (``lora`` factor files) on ``tasks``."""
-    from safetensors.torch import load_file
-
-    from pipeline.analysis.common import load_encoder, task_splits
+def run(encoder: torch.nn.Module, pretrained: dict[str, torch.Tensor], tasks: Sequence[str],
+        finetuned: Sequence[dict[str, torch.Tensor]], lora: Sequence[dict[str, torch.Tensor]],
+        test: Sequence[tuple[str, torch.Tensor, object]], val: Sequence[object], lambdas: Sequence[float],
+        negation_lam: float, settings, max_images: int, batch_size: int) -> pd.DataFrame:
+    """The composition table for full fine-tuning (``finetuned`` state dicts) and LoRA
+    (``lora`` factors) on ``tasks`` (``test``: task, head, test split; ``val``: validation
+    splits; ``pretrained``: a copy of ``encoder``'s weights; ``settings``: AdaMerging's)."""
     from pipeline.analysis.robustness import adaptation_images
-    from pipeline.merging.adamerging import Settings
     from pipeline.zoo.lora import as_task_vector
-    from pipeline.zoo.store import load_encoder_state
 
-    encoder, sd = load_encoder(zoo, pretrained)
-    test, val = task_splits(zoo, tasks, heads, data, "test"), task_splits(zoo, tasks, heads, data, "val")
-    s = Settings.from_dict(settings)
-    images = adaptation_images([d for _, _, d in test], max_images, s.seed)
+    sd = pretrained
+    images = adaptation_images([d for _, _, d in test], max_images, settings.seed)
     updates = {
-        "full": [{k: (v.float() - sd[k].float()) for k, v in load_encoder_state(f).items() if sd[k].is_floating_point()}
-                 for f in finetuned],
-        "lora": [as_task_vector(sd, load_file(f)) for f in lora],
+        "full": [{k: (v.float() - sd[k].float()) for k, v in state.items() if sd[k].is_floating_point()}
+                 for state in finetuned],
+        "lora": [as_task_vector(sd, factors) for factors in lora],
     }
     rows = []
     for update, vectors in updates.items():
-        rows += compose(update, encoder, sd, vectors, tasks, [h for _, h, _ in test], [d for _, _, d in val],
-                        [d for _, _, d in test], lambdas, negation_lam, s, images, batch_size)
+        rows += compose(update, encoder, sd, vectors, tasks, [h for _, h, _ in test], list(val),
+                        [d for _, _, d in test], lambdas, negation_lam, settings, images, batch_size)
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -99,37 +99,30 @@ def plot_robustness(table: pd.DataFrame, path) -> None:
     save_figure(fig, path)
 
 
-def run(zoo: dict, pretrained: str, store_paths: Sequence[str], finetuned: Sequence[str], heads: Sequence[str],
-        data: Sequence[str], corruption: str, severity: int, variant: str, adamerging: dict, lambdas: dict,
-        ties: dict, max_images: int, batch_size: int) -> pd.DataFrame:
-    """Rows (corruption, severity, method, task, test_set, accuracy, n) of one corruption."""
-    from pathlib import Path
-
-    from pipeline.analysis.common import load_encoder, task_splits
+def run(encoder: torch.nn.Module, adapt_encoder: torch.nn.Module, pretrained: dict[str, torch.Tensor], store,
+        finetuned: Sequence[dict[str, torch.Tensor]], clean: Sequence[tuple[str, torch.Tensor, object]], zoo: dict,
+        corruption: str, severity: int, variant: str, settings, lambdas: dict, ties: dict, max_images: int,
+        batch_size: int) -> pd.DataFrame:
+    """Rows (corruption, severity, method, task, test_set, accuracy, n) of one corruption:
+    Task Arithmetic and TIES of ``store`` (``pretrained``: a copy of ``encoder``'s weights) and
+    AdaMerging (``settings``) of ``finetuned`` adapted on the corrupted test images with
+    ``adapt_encoder``; ``clean``: (task, head, test split) of each task."""
     from pipeline.merging import task_arithmetic, ties_merging
+    from pipeline.merging.adamerging import adamerge
     from pipeline.merging.contract import Inputs, default_device
-    from pipeline.merging.adamerging import Settings, adamerge
-    from pipeline.models.checkpoints import state_dict_hash
-    from pipeline.store.task_vectors import TaskVectorStore
-    from pipeline.zoo.store import load_encoder_state
 
-    tasks = [Path(p).name for p in store_paths]
-    settings = Settings.from_dict(adamerging)
-    encoder, sd = load_encoder(zoo, pretrained)
-    clean = task_splits(zoo, tasks, heads, data, "test")
-    sets = {"clean": clean}
+    tasks = [t for t, _, _ in clean]
+    sets = {"clean": list(clean)}
     if corruption != "clean":
         sets["corrupted"] = [(t, h, corrupted_split(d, zoo, corruption, severity, settings.seed)) for t, h, d in clean]
-    result = adamerge(variant, load_encoder(zoo, pretrained)[0], [load_encoder_state(f) for f in finetuned],
-                      [h for _, h, _ in clean],
+    result = adamerge(variant, adapt_encoder, finetuned, [h for _, h, _ in clean],
                       adaptation_images([d for _, _, d in sets.get("corrupted", clean)], max_images, settings.seed),
                       settings, device=None, progress=False)
-    store = TaskVectorStore(Path(store_paths[0]).parent, tasks, base_hash=state_dict_hash(sd))
     ta = task_arithmetic.Settings(lam=lambdas["task_arithmetic"])
-    rows = evaluate(encoder, task_arithmetic.run(Inputs(sd, tasks, store), ta).state_dict(),
+    rows = evaluate(encoder, task_arithmetic.run(Inputs(pretrained, tasks, store), ta).state_dict(),
                     "task_arithmetic", sets, batch_size)
     tm = ties_merging.Settings(**ties, lam=lambdas["ties_merging"])
-    rows += evaluate(encoder, ties_merging.run(Inputs(sd, tasks, store, device=default_device()), tm).state_dict(),
-                     "ties_merging", sets, batch_size)
+    merged = ties_merging.run(Inputs(pretrained, tasks, store, device=default_device()), tm).state_dict()
+    rows += evaluate(encoder, merged, "ties_merging", sets, batch_size)
     rows += evaluate(encoder, result.state_dict, "adamerging", sets, batch_size)
     return pd.DataFrame(rows).assign(corruption=corruption, severity=0 if corruption == "clean" else severity)[COLUMNS]

@@ -4,7 +4,6 @@ the test split, with AdaMerging and traditional multi-task learning as reference
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import pandas as pd
 
@@ -59,31 +58,15 @@ def plot_sensitivity(table: pd.DataFrame, path) -> None:
     save_figure(fig, path)
 
 
-def run(zoo: dict, pretrained: str, store_paths: Sequence[str], search_files: Sequence[str],
-        reference_files: Sequence[str], heads: Sequence[str], data: Sequence[str], settings: dict,
-        test: bool, batch_size: int) -> pd.DataFrame:
-    """The sensitivity table from the lambda-search files (validation) and, with ``test``,
-    the same grid evaluated on the test split."""
-    from pathlib import Path
-
-    from pipeline.analysis.common import load_encoder, task_splits
-    from pipeline.merging import registry
-    from pipeline.merging.contract import Inputs, default_device
-    from pipeline.models.checkpoints import state_dict_hash
-    from pipeline.store.task_vectors import TaskVectorStore
-
-    val = pd.concat([pd.read_parquet(f) for f in search_files], ignore_index=True)
+def run(val: pd.DataFrame, refs: pd.DataFrame, test: tuple | None = None, batch_size: int = 512) -> pd.DataFrame:
+    """The sensitivity table from the lambda-search rows ``val`` (validation) and the
+    reference accuracies ``refs`` (model, task, accuracy); with ``test`` = (encoder, its
+    pretrained weights, {method: merged task vector}, [(task, head, test split)]) the same
+    grid evaluated on the test split too."""
     parts = [val]
-    if test:
-        tasks = [Path(p).name for p in store_paths]
-        encoder, sd = load_encoder(zoo, pretrained)
-        store = TaskVectorStore(Path(store_paths[0]).parent, tasks, base_hash=state_dict_hash(sd))
-        splits = task_splits(zoo, tasks, heads, data, "test")
+    if test is not None:
+        encoder, pretrained, vectors, splits = test
         for method, grid in val.groupby("method"):
-            spec = registry.method(method)
-            inputs = Inputs(sd, tasks, store, device=default_device())
-            vector = spec.run(inputs, spec.configure(settings.get(method, {}))).vector()
-            parts.append(test_curve(encoder, sd, vector, sorted(grid["lambda"].unique()), splits, method, batch_size))
-    refs = pd.concat([pd.read_parquet(f) for f in reference_files], ignore_index=True) if reference_files else \
-        pd.DataFrame(columns=["model", "task", "accuracy"])
+            parts.append(test_curve(encoder, pretrained, vectors[method], sorted(grid["lambda"].unique()), splits,
+                                    method, batch_size))
     return sensitivity_table(pd.concat(parts, ignore_index=True), refs)

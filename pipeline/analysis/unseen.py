@@ -28,27 +28,19 @@ def _evaluate(encoder, state_dict, method: str, splits, unseen: Sequence[str], b
     return rows
 
 
-def run_baselines(zoo: dict, pretrained: str, store_paths: Sequence[str], tasks: Sequence[str],
-                  unseen: Sequence[str], heads: Sequence[str], data: Sequence[str], lambdas: dict, ties: dict,
+def run_baselines(encoder: torch.nn.Module, pretrained: dict[str, torch.Tensor], store,
+                  splits: Sequence[tuple[str, torch.Tensor, object]], unseen: Sequence[str], lambdas: dict, ties: dict,
                   batch_size: int) -> pd.DataFrame:
-    """Task Arithmetic and TIES of the seen tasks' vectors (``store_paths``) on ``tasks``."""
-    from pathlib import Path
-
-    from pipeline.analysis.common import load_encoder, task_splits
+    """Task Arithmetic and TIES of the seen tasks' vectors (``store``) on every task of
+    ``splits`` (task, head, test split)."""
     from pipeline.merging import task_arithmetic, ties_merging
     from pipeline.merging.contract import Inputs, default_device
-    from pipeline.models.checkpoints import state_dict_hash
-    from pipeline.store.task_vectors import TaskVectorStore
 
-    encoder, sd = load_encoder(zoo, pretrained)
-    store = TaskVectorStore(Path(store_paths[0]).parent, [Path(p).name for p in store_paths],
-                            base_hash=state_dict_hash(sd))
-    splits = task_splits(zoo, tasks, heads, data, "test")
     ta = task_arithmetic.Settings(lam=lambdas["task_arithmetic"])
-    rows = _evaluate(encoder, task_arithmetic.run(Inputs(sd, store.tasks, store), ta).state_dict(),
+    rows = _evaluate(encoder, task_arithmetic.run(Inputs(pretrained, store.tasks, store), ta).state_dict(),
                      "task_arithmetic", splits, unseen, batch_size)
     tm = ties_merging.Settings(**ties, lam=lambdas["ties_merging"])
-    merged = ties_merging.run(Inputs(sd, store.tasks, store, device=default_device()), tm).state_dict()
+    merged = ties_merging.run(Inputs(pretrained, store.tasks, store, device=default_device()), tm).state_dict()
     rows += _evaluate(encoder, merged, "ties_merging", splits, unseen, batch_size)
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -66,26 +58,24 @@ def padded_task_vectors(encoder: torch.nn.Module, finetuned: Sequence[dict], ext
     return torch.cat([tvs, tvs.new_zeros(extra, layout.numel)])
 
 
-def run_adamerging(zoo: dict, pretrained: str, variant: str, seen: Sequence[str], finetuned: Sequence[str],
-                   tasks: Sequence[str], unseen: Sequence[str], heads: Sequence[str], data: Sequence[str],
-                   settings: dict, max_images: int, batch_size: int) -> pd.DataFrame:
-    """AdaMerging of the seen tasks' vectors adapted on all ``tasks``' unlabeled test images."""
-    from pipeline.analysis.common import load_encoder, task_splits
+def run_adamerging(encoder: torch.nn.Module, eval_encoder: torch.nn.Module, variant: str, seen: Sequence[str],
+                   finetuned: Sequence[dict[str, torch.Tensor]], splits: Sequence[tuple[str, torch.Tensor, object]],
+                   unseen: Sequence[str], settings, max_images: int, batch_size: int) -> pd.DataFrame:
+    """AdaMerging (``settings``) of the seen tasks' fine-tuned models, adapted with
+    ``encoder`` on the unlabeled test images of every task of ``splits`` (task, head, test
+    split), evaluated with ``eval_encoder``."""
     from pipeline.analysis.robustness import adaptation_images
-    from pipeline.merging.adamerging import Settings, adamerge
-    from pipeline.zoo.store import load_encoder_state
+    from pipeline.merging.adamerging import adamerge
 
-    s = Settings.from_dict(settings)
-    order = list(seen) + [t for t in tasks if t not in seen]  # vectors of the seen tasks first
-    splits = {t: x for t, x in zip(tasks, task_splits(zoo, tasks, heads, data, "test"))}
-    splits = [splits[t] for t in order]
-    encoder, sd = load_encoder(zoo, pretrained)
-    tvs = padded_task_vectors(encoder, [load_encoder_state(f) for f in finetuned], len(order) - len(seen))
-    result = adamerge(variant, encoder, tvs, [h for _, h, _ in splits],
-                      adaptation_images([d for _, _, d in splits], max_images, s.seed), s, device=None, progress=False)
-    encoder, _ = load_encoder(zoo, pretrained)
-    return pd.DataFrame(_evaluate(encoder, result.state_dict, f"adamerging_{variant}", splits, unseen, batch_size),
-                        columns=COLUMNS)
+    by_task = {t: x for t, x in zip([t for t, _, _ in splits], splits)}
+    order = list(seen) + [t for t in by_task if t not in seen]  # vectors of the seen tasks first
+    ordered = [by_task[t] for t in order]
+    tvs = padded_task_vectors(encoder, finetuned, len(order) - len(seen))
+    result = adamerge(variant, encoder, tvs, [h for _, h, _ in ordered],
+                      adaptation_images([d for _, _, d in ordered], max_images, settings.seed), settings, device=None,
+                      progress=False)
+    return pd.DataFrame(_evaluate(eval_encoder, result.state_dict, f"adamerging_{variant}", ordered, unseen,
+                                  batch_size), columns=COLUMNS)
 
 
 def unseen_table(rows: pd.DataFrame) -> pd.DataFrame:

@@ -6,6 +6,9 @@ import pandas as pd
 
 from pipeline.analysis.common import write_parquet
 from pipeline.analysis.robustness import plot_robustness, run
+from pipeline.commands.loading import finetuned_models, open_store, task_splits
+from pipeline.merging import registry
+from pipeline.zoo.store import load_clip
 
 
 def analysis_robustness(zoo: dict, pretrained: str, task_vectors: list[str], finetuned: list[str],
@@ -14,8 +17,11 @@ def analysis_robustness(zoo: dict, pretrained: str, task_vectors: list[str], fin
                         adamerging: dict = {}, max_images: int = 0, batch_size: int = 512) -> None:  # noqa: B006
     """Task Arithmetic, TIES and AdaMerging (adapted on the corrupted images) of the tasks of
     ``task_vectors``, evaluated on the clean and the ``corruption`` test sets."""
-    table = run(zoo, pretrained, task_vectors, finetuned, heads, data, corruption, severity, variant, adamerging,
-                lambdas, ties, max_images, batch_size)
+    encoder, state, store = open_store(zoo, pretrained, task_vectors)
+    clean = task_splits(zoo, store.tasks, heads, data, "test")
+    settings = registry.method(f"adamerging_{variant}").configure(adamerging)
+    table = run(encoder, load_clip(zoo, pretrained).visual, state, store, list(finetuned_models(finetuned)), clean, zoo,
+                corruption, severity, variant, settings, lambdas, ties, max_images, batch_size)
     write_parquet(table, out)
 
 

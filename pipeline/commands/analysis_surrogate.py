@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.analysis.common import task_splits, write_parquet
+from pipeline.analysis.common import write_parquet
 from pipeline.analysis.surrogate import plot_scatter, sample_table, spearman_table
-from pipeline.commands.loading import open_store
+from pipeline.commands.loading import open_store, task_splits
 from pipeline.merging import task_arithmetic
 from pipeline.merging.contract import Inputs
 

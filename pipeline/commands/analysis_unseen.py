@@ -6,6 +6,9 @@ import pandas as pd
 
 from pipeline.analysis import unseen as unseen_analysis
 from pipeline.analysis.common import write_parquet
+from pipeline.commands.loading import finetuned_models, open_store, task_splits
+from pipeline.merging import registry
+from pipeline.zoo.store import load_clip
 
 
 def analysis_unseen(zoo: dict, pretrained: str, variant: str, tasks: list[str], seen: list[str], unseen: list[str],
@@ -15,11 +18,16 @@ def analysis_unseen(zoo: dict, pretrained: str, variant: str, tasks: list[str], 
     """``variant`` "baselines" (Task Arithmetic and TIES of the seen tasks) or an AdaMerging
     variant adapted on all ``tasks``' unlabeled test images."""
     if variant == "baselines":
-        table = unseen_analysis.run_baselines(zoo, pretrained, task_vectors, tasks, unseen, heads, data, lambdas, ties,
-                                              batch_size)
+        encoder, state, store = open_store(zoo, pretrained, task_vectors)
+        splits = task_splits(zoo, tasks, heads, data, "test")
+        table = unseen_analysis.run_baselines(encoder, state, store, splits, unseen, lambdas, ties, batch_size)
     else:
-        table = unseen_analysis.run_adamerging(zoo, pretrained, variant, seen, finetuned, tasks, unseen, heads, data,
-                                               adamerging, max_images, batch_size)
+        settings = registry.method(f"adamerging_{variant}").configure(adamerging)
+        splits = task_splits(zoo, tasks, heads, data, "test")
+        encoder = load_clip(zoo, pretrained).visual
+        table = unseen_analysis.run_adamerging(encoder, load_clip(zoo, pretrained).visual, variant, seen,
+                                               list(finetuned_models(finetuned)), splits, unseen, settings, max_images,
+                                               batch_size)
     write_parquet(table, out)
 
 

@@ -53,6 +53,12 @@ def splits(zoo: dict, tasks: Sequence[str], data: Sequence[str], split: str) -> 
     return [load_split(zoo, t, split, d) for t, d in zip(tasks, data or [None] * len(tasks), strict=True)]
 
 
+def task_splits(zoo: dict, tasks: Sequence[str], heads: Sequence[str], data: Sequence[str],
+                split: str = "test") -> list[tuple[str, torch.Tensor, Any]]:
+    """(task, head, split) of each task."""
+    return list(zip(tasks, heads_of(heads), splits(zoo, tasks, data, split), strict=True))
+
+
 def heads_of(paths: Sequence[str]) -> list[torch.Tensor]:
     return [load_head(p) for p in paths]
 

@@ -41,7 +41,7 @@ rule adamerging:
         max_images=ADAMERGING["max_images"],
         code=lambda wc: code_version("adamerge", f"adamerging_{wc.variant}"),
     shell:
-        "{PYTHON} adamerge --zoo {params.zoo:q} --variant {wildcards.variant} "
+        "adamerge adamerge --zoo {params.zoo:q} --variant {wildcards.variant} "
         "--pretrained {input.pretrained} --finetuned {input.finetuned} --heads {input.heads} "
         "--tasks {params.tasks} --data {input.data} --settings {params.settings:q} "
         "--max-images {params.max_images} --out {output.model} --lambdas {output.lambdas} "
@@ -74,7 +74,7 @@ rule evaluate_adamerging:
         batch=config["evaluation"]["batch_size"],
         code=code_version("evaluate"),
     shell:
-        "{PYTHON} evaluate --zoo {params.zoo:q} --model adamerging_{wildcards.variant} "
+        "adamerge evaluate --zoo {params.zoo:q} --model adamerging_{wildcards.variant} "
         "--method adamerging_{wildcards.variant} --pretrained {input.pretrained} --encoder {input.encoder} "
         "--tasks {params.tasks} --heads {input.heads} --data {input.data} --batch-size {params.batch} "
         "--out {output} --threads {threads} > {log} 2>&1"

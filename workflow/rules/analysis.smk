@@ -3,7 +3,6 @@
 
 from pipeline.analysis.corruptions import CORRUPTIONS
 
-
 ROBUST_TASKS = list(analysis_cfg("robustness")["tasks"] or TASKS[:4])
 UNSEEN_TASKS = list(analysis_cfg("unseen")["tasks"] or TASKS[-2:])
 SEEN_TASKS = [t for t in TASKS if t not in UNSEEN_TASKS]
@@ -47,7 +46,7 @@ rule analysis_sensitivity:
         batch=config["evaluation"]["batch_size"],
         code=code_version("analysis-sensitivity", *SEARCH_METHODS),
     shell:
-        "{PYTHON} analysis-sensitivity --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "adamerge analysis-sensitivity --zoo {params.zoo:q} --pretrained {input.pretrained} "
         "--task-vectors {input.store} --heads {input.heads} --data {input.data} --search {input.search} "
         "--references {input.references} --settings {params.settings:q} {params.test} "
         "--batch-size {params.batch} --out {output.table} --figure {output.figure} "
@@ -93,7 +92,7 @@ rule analysis_coefficients:
         zoo=zoo_json(),
         code=code_version("analysis-coefficients"),
     shell:
-        "{PYTHON} analysis-coefficients --zoo {params.zoo:q} --lambdas {input.lambdas} "
+        "adamerge analysis-coefficients --zoo {params.zoo:q} --lambdas {input.lambdas} "
         "--entropy {input.entropy} --out {output.table} --layer-figure {output.layer} "
         "--task-figure {output.task} --entropy-figure {output.entropy} > {log} 2>&1"
 
@@ -141,7 +140,7 @@ rule analysis_distances:
         models=[f"{k}={v}" for k, v in DISTANCE_MODELS.items()],
         code=code_version("analysis-distances"),
     shell:
-        "{PYTHON} analysis-distances --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "adamerge analysis-distances --zoo {params.zoo:q} --pretrained {input.pretrained} "
         "--models {params.models} --task-vectors {input.store} --out {output.table} "
         "--figure {output.figure} --cosine-out {output.cosine} "
         "--cosine-figure {output.cosine_figure} > {log} 2>&1"
@@ -178,7 +177,7 @@ rule analysis_surrogate:
         batch=config["evaluation"]["batch_size"],
         code=code_version("analysis-surrogate"),
     shell:
-        "{PYTHON} analysis-surrogate --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "adamerge analysis-surrogate --zoo {params.zoo:q} --pretrained {input.pretrained} "
         "--task-vectors {input.store} --heads {input.heads} --data {input.data} "
         "--lambdas {params.lambdas} --max-samples {params.max_samples} --batch-size {params.batch} "
         "--out {output.samples} --spearman-out {output.spearman} --figure {output.figure} "
@@ -218,7 +217,7 @@ rule analysis_robustness_run:
         batch=config["evaluation"]["batch_size"],
         code=code_version("analysis-robustness"),
     shell:
-        "{PYTHON} analysis-robustness --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "adamerge analysis-robustness --zoo {params.zoo:q} --pretrained {input.pretrained} "
         "--task-vectors {input.store} --finetuned {input.finetuned} --heads {input.heads} "
         "--data {input.data} --corruption {wildcards.corruption} --severity {params.severity} "
         "--variant {params.variant} --adamerging {params.adamerging:q} --lambdas {params.lambdas:q} "
@@ -253,7 +252,7 @@ rule analysis_robustness:
         zoo=zoo_json(),
         code=code_version("analysis-robustness-table"),
     shell:
-        "{PYTHON} analysis-robustness-table --zoo {params.zoo:q} --inputs {input} "
+        "adamerge analysis-robustness-table --zoo {params.zoo:q} --inputs {input} "
         "--out {output.table} --figure {output.figure} > {log} 2>&1"
 
 
@@ -291,7 +290,7 @@ rule analysis_unseen_run:
         batch=config["evaluation"]["batch_size"],
         code=code_version("analysis-unseen"),
     shell:
-        "{PYTHON} analysis-unseen --zoo {params.zoo:q} --variant {wildcards.approach} "
+        "adamerge analysis-unseen --zoo {params.zoo:q} --variant {wildcards.approach} "
         "--pretrained {input.pretrained} --task-vectors {input.store} --finetuned {input.finetuned} "
         "--heads {input.heads} --data {input.data} --tasks {params.tasks} --seen {params.seen} "
         "--unseen {params.unseen} --adamerging {params.adamerging:q} --lambdas {params.lambdas:q} "
@@ -323,7 +322,7 @@ rule analysis_unseen:
         zoo=zoo_json(),
         code=code_version("analysis-unseen-table"),
     shell:
-        "{PYTHON} analysis-unseen-table --zoo {params.zoo:q} --inputs {input} "
+        "adamerge analysis-unseen-table --zoo {params.zoo:q} --inputs {input} "
         "--out {output.table} --figure {output.figure} > {log} 2>&1"
 
 
@@ -350,7 +349,7 @@ rule lora_finetune:
         settings=json.dumps(analysis_cfg("pem")["lora"], sort_keys=True),
         code=code_version("lora-finetune"),
     shell:
-        "{PYTHON} lora-finetune --zoo {params.zoo:q} --task {wildcards.task} "
+        "adamerge lora-finetune --zoo {params.zoo:q} --task {wildcards.task} "
         "--pretrained {input.pretrained} --head {input.head} --data {input.data} "
         "--settings {params.settings:q} --out {output} --threads {threads} > {log} 2>&1"
 
@@ -386,7 +385,7 @@ rule analysis_pem:
         batch=config["evaluation"]["batch_size"],
         code=code_version("analysis-pem"),
     shell:
-        "{PYTHON} analysis-pem --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "adamerge analysis-pem --zoo {params.zoo:q} --pretrained {input.pretrained} "
         "--tasks {params.tasks} --finetuned {input.finetuned} --lora {input.lora} "
         "--heads {input.heads} --data {input.data} --grid {params.grid:q} "
         "--negation-lam {params.negation} --adamerging {params.adamerging:q} "

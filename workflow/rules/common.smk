@@ -7,7 +7,9 @@ from snakemake.utils import validate
 
 validate(config, "../schemas/config.schema.yaml")
 
-sys.path.insert(0, workflow.basedir)  # the project's own packages, whatever the working directory
+sys.path.insert(
+    0, workflow.basedir
+)  # the project's own packages, whatever the working directory
 
 from pipeline import cli, provenance
 from pipeline.merging import registry
@@ -29,10 +31,16 @@ STORE = f"{RESULTS}/task_vectors.zarr"
 
 # Method lists, all from the registry (pipeline/merging/registry.py).
 SYNTHETIC = SOURCE == "synthetic"
-STORE_MERGES = registry.names(registry.STORE, searched=False)  # one streamed pass over the store
+STORE_MERGES = registry.names(
+    registry.STORE, searched=False
+)  # one streamed pass over the store
 SEARCH_METHODS = registry.names(searched=True)  # lambda chosen on validation data
-DATA_METHODS = registry.names(registry.MODELS_AND_TRAIN)  # fine-tuned models and training examples
-TRAINED = registry.names(frozenset({Need.TRAIN_DATA}), synthetic=SYNTHETIC)  # joint training
+DATA_METHODS = registry.names(
+    registry.MODELS_AND_TRAIN
+)  # fine-tuned models and training examples
+TRAINED = registry.names(
+    frozenset({Need.TRAIN_DATA}), synthetic=SYNTHETIC
+)  # joint training
 MERGE_METHODS = [
     m
     for m in registry.names(synthetic=SYNTHETIC)
@@ -44,11 +52,15 @@ ADAMERGING_VARIANTS = [
 NEGATED = TASKS if config["merging"]["task_negation"]["enabled"] else []
 ENV = "../envs/pipeline.yaml"
 
-# Rules run `python -m pipeline` with the interpreter that runs Snakemake (no activated venv
-# needed) and the project on the path, from any working directory.
-USE_ENVS = bool(workflow.deployment_settings.deployment_method)  # --sdm conda/apptainer/...
-PYTHON = "python -m pipeline" if USE_ENVS else f"{shlex.quote(sys.executable)} -m pipeline"
-shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(workflow.basedir)}:${{{{PYTHONPATH:-}}}}; ")
+# Rules call `adamerge VERB ...`: a shell function running `python -m pipeline` with the
+# interpreter that runs Snakemake (no activated venv needed; under --sdm conda the env's),
+# the project on the path, from any working directory.
+USE_ENVS = bool(workflow.deployment_settings.deployment_method)
+PYTHON = "python" if USE_ENVS else shlex.quote(sys.executable)
+shell.prefix(
+    f"set -euo pipefail; export PYTHONPATH={shlex.quote(workflow.basedir)}:${{{{PYTHONPATH:-}}}}; "
+    f'adamerge() {{{{ {PYTHON} -m pipeline "$@"; }}}}; '
+)
 
 
 def code_version(verb, *methods):
@@ -112,7 +124,9 @@ def task_vectors(tasks):
 def merge_settings(method):
     """The method's settings from config `merging` as JSON (methods the schema gives no
     section have none)."""
-    return json.dumps(config["merging"][method] if method in config["merging"] else {}, sort_keys=True)
+    return json.dumps(
+        config["merging"][method] if method in config["merging"] else {}, sort_keys=True
+    )
 
 
 def eval_files():
@@ -145,9 +159,7 @@ def analysis_on(name):
 def adamerging_settings(section):
     """merging.adamerging without the job keys, updated by the analysis section's own."""
     base = {k: v for k, v in ADAMERGING.items() if k not in ADAMERGING_JOB_KEYS}
-    return json.dumps(
-        base | analysis_cfg(section)["adamerging"], sort_keys=True
-    )
+    return json.dumps(base | analysis_cfg(section)["adamerging"], sort_keys=True)
 
 
 def analysis_max_images(section):

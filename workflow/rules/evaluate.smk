@@ -24,7 +24,7 @@ rule evaluate_zeroshot:
         batch=config["evaluation"]["batch_size"],
         code=code_version("evaluate"),
     shell:
-        "{PYTHON} evaluate --zoo {params.zoo:q} --model zeroshot --method zeroshot "
+        "adamerge evaluate --zoo {params.zoo:q} --model zeroshot --method zeroshot "
         "--pretrained {input.pretrained} --tasks {params.tasks} --heads {input.heads} "
         "--data {input.data} --batch-size {params.batch} --out {output} --threads {threads} > {log} 2>&1"
 
@@ -52,7 +52,7 @@ rule evaluate_individual:
         batch=config["evaluation"]["batch_size"],
         code=code_version("evaluate"),
     shell:
-        "{PYTHON} evaluate --zoo {params.zoo:q} --model individual --method individual "
+        "adamerge evaluate --zoo {params.zoo:q} --model individual --method individual "
         "--pretrained {input.pretrained} --encoder {input.encoder} --tasks {wildcards.task} "
         "--heads {input.head} --data {input.data} --batch-size {params.batch} --out {output} "
         "--threads {threads} > {log} 2>&1"
@@ -82,7 +82,7 @@ rule evaluate_merged:
         batch=config["evaluation"]["batch_size"],
         code=code_version("evaluate"),
     shell:
-        "{PYTHON} evaluate --zoo {params.zoo:q} --model {wildcards.method} "
+        "adamerge evaluate --zoo {params.zoo:q} --model {wildcards.method} "
         "--method {wildcards.method} --pretrained {input.pretrained} --encoder {input.encoder} "
         "--tasks {params.tasks} --heads {input.heads} --data {input.data} --batch-size {params.batch} "
         "--out {output} --threads {threads} > {log} 2>&1"
@@ -112,7 +112,7 @@ rule evaluate_negation:
         batch=config["evaluation"]["batch_size"],
         code=code_version("evaluate"),
     shell:
-        "{PYTHON} evaluate --zoo {params.zoo:q} --model task_negation_{wildcards.task} "
+        "adamerge evaluate --zoo {params.zoo:q} --model task_negation_{wildcards.task} "
         "--method task_negation --pretrained {input.pretrained} --encoder {input.encoder} "
         "--tasks {params.tasks} --heads {input.heads} --data {input.data} --batch-size {params.batch} "
         "--out {output} --threads {threads} > {log} 2>&1"

@@ -29,7 +29,7 @@ rule merge_task_vectors:
         budget=config["merging"]["budget_mib"],
         code=lambda wc: code_version("merge", wc.method),
     shell:
-        "{PYTHON} merge --zoo {params.zoo:q} --method {wildcards.method} "
+        "adamerge merge --zoo {params.zoo:q} --method {wildcards.method} "
         "--pretrained {input.pretrained:q} --task-vectors {input.store:q} "
         "--settings {params.settings:q} --budget-mib {params.budget} --out {output.model:q} "
         "--threads {threads} > {log:q} 2>&1"
@@ -65,7 +65,7 @@ rule lambda_search:
         budget=config["merging"]["budget_mib"],
         code=lambda wc: code_version("lambda-search", wc.method),
     shell:
-        "{PYTHON} lambda-search --zoo {params.zoo:q} --method {wildcards.method} "
+        "adamerge lambda-search --zoo {params.zoo:q} --method {wildcards.method} "
         "--pretrained {input.pretrained:q} --task-vectors {input.store:q} "
         "--heads {input.heads:q} --data {input.data:q} --settings {params.settings:q} "
         "--grid {params.grid:q} --batch-size {params.batch} --budget-mib {params.budget} "
@@ -95,7 +95,7 @@ rule task_negation:
         budget=config["merging"]["budget_mib"],
         code=code_version("merge", "task_negation"),
     shell:
-        "{PYTHON} merge --zoo {params.zoo:q} --method task_negation "
+        "adamerge merge --zoo {params.zoo:q} --method task_negation "
         "--pretrained {input.pretrained:q} --task-vectors {input.store:q} "
         "--settings {params.settings:q} --budget-mib {params.budget} --out {output.model:q} "
         "--threads {threads} > {log:q} 2>&1"
@@ -133,7 +133,7 @@ rule merge_with_data:
         ),
         code=lambda wc: code_version("merge", wc.method),
     shell:
-        "{PYTHON} merge --zoo {params.zoo:q} --method {wildcards.method} "
+        "adamerge merge --zoo {params.zoo:q} --method {wildcards.method} "
         "--pretrained {input.pretrained:q} --finetuned {input.finetuned:q} --tasks {params.tasks:q} "
         "--heads {input.heads:q} --data {input.data:q} --settings {params.settings:q} "
         "--out {output.model:q} --threads {threads} > {log:q} 2>&1"

@@ -35,6 +35,6 @@ rule report:
         analysis=[f"{k}={v}" for k, v in analysis_files().items()],
         code=code_version("report"),
     shell:
-        "{PYTHON} report --zoo {params.zoo:q} --eval {input.evals} --config {params.config:q} "
+        "adamerge report --zoo {params.zoo:q} --eval {input.evals} --config {params.config:q} "
         "--benchmark-dir {params.benchmark_dir} --markdown {output.markdown} --html {output.html} "
         "--table {output.table} --analysis {params.analysis} > {log} 2>&1"

@@ -20,7 +20,7 @@ if SOURCE == "synthetic":
             zoo=zoo_json("synthetic.sizes", "synthetic.domains"),
             code=code_version("task-data"),
         shell:
-            "{PYTHON} task-data --zoo {params.zoo:q} --task {wildcards.task} "
+            "adamerge task-data --zoo {params.zoo:q} --task {wildcards.task} "
             "--out {output} --threads {threads} > {log} 2>&1"
 
     rule pretrain:
@@ -42,7 +42,7 @@ if SOURCE == "synthetic":
             zoo=zoo_json("synthetic.pretrain"),
             code=code_version("pretrain"),
         shell:
-            "{PYTHON} pretrain --zoo {params.zoo:q} --out {output.model} "
+            "adamerge pretrain --zoo {params.zoo:q} --out {output.model} "
             "--tokenizer {output.tokenizer} --threads {threads} > {log} 2>&1"
 
     rule finetune:
@@ -67,7 +67,7 @@ if SOURCE == "synthetic":
             zoo=zoo_json("synthetic.finetune"),
             code=code_version("finetune"),
         shell:
-            "{PYTHON} finetune --zoo {params.zoo:q} --task {wildcards.task} "
+            "adamerge finetune --zoo {params.zoo:q} --task {wildcards.task} "
             "--pretrained {input.pretrained} --head {input.head} --data {input.data} "
             "--out {output} --threads {threads} > {log} 2>&1"
 
@@ -90,7 +90,7 @@ else:
             zoo=zoo_json(),
             code=code_version("import-pretrained"),
         shell:
-            "{PYTHON} import-pretrained --zoo {params.zoo:q} --out {output} > {log} 2>&1"
+            "adamerge import-pretrained --zoo {params.zoo:q} --out {output} > {log} 2>&1"
 
     rule import_finetuned:
         input:
@@ -111,7 +111,7 @@ else:
             zoo=zoo_json(),
             code=code_version("import-finetuned"),
         shell:
-            "{PYTHON} import-finetuned --zoo {params.zoo:q} --task {wildcards.task} "
+            "adamerge import-finetuned --zoo {params.zoo:q} --task {wildcards.task} "
             "--pretrained {input.pretrained} --out {output} > {log} 2>&1"
 
 
@@ -135,5 +135,5 @@ rule zero_shot_head:
         zoo=zoo_json(),
         code=code_version("head"),
     shell:
-        "{PYTHON} head --zoo {params.zoo:q} --task {wildcards.task} "
+        "adamerge head --zoo {params.zoo:q} --task {wildcards.task} "
         "--pretrained {input.pretrained} --out {output} > {log} 2>&1"

@@ -1,6 +1,6 @@
 """TIES merging (trim, elect sign, disjoint merge) with an exact histogram/radix top-k select.
 
-Semantics (DESIGN section 6), for K task vectors of d entries each and keep-percentage k:
+Semantics (those of the TIES reference code), for K task vectors of d entries each and keep-percentage k:
 
 * trim: n_keep = floor(d * k / 100) (exact rational arithmetic on the value of ``k``); the
   threshold of task j is the (d - n_keep)-th smallest |tau_j| (1-based) and every entry with

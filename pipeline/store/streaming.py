@@ -1,4 +1,4 @@
-"""Out-of-core merging over the task-vector store (DESIGN sections 5, 6, 8): the generic
+"""Out-of-core merging over the task-vector store (docs/architecture.md): the generic
 streaming engine; the merging methods (:mod:`pipeline.merging`) supply the reducers.
 
 A merge is a *reducer* applied to (K, n) blocks of the K task vectors, chunk by chunk. The

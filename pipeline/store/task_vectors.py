@@ -1,4 +1,4 @@
-"""The zarr task-vector store of a zoo (DESIGN section 5).
+"""The zarr task-vector store of a zoo.
 
     results/{zoo}/task_vectors.zarr/            zarr v3 group
     results/{zoo}/task_vectors.zarr/{task}/     one subgroup per task, attributes:

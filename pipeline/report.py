@@ -14,9 +14,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-MODEL_ORDER = ["zeroshot", "individual", "multitask", "weight_averaging", "fisher_merging", "regmean",
-               "task_arithmetic", "ties_merging", "adamerging_task_wise", "adamerging_task_wise_plus",
-               "adamerging_layer_wise", "adamerging_layer_wise_plus"]
+from pipeline.merging import registry
+
+MODEL_ORDER = ["zeroshot", "individual", *registry.table_rows()]
 REFERENCES = {"zeroshot", "individual", "multitask"}  # not merges: no bold for them
 PACKAGES = ["torch", "open_clip_torch", "snakemake", "zarr", "pyarrow", "triton", "numpy", "pandas", "scipy",
             "matplotlib"]

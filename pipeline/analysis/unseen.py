@@ -87,8 +87,9 @@ def unseen_table(rows: pd.DataFrame) -> pd.DataFrame:
         for t in tasks:
             out[t] = wide[t]
         out[f"Avg. {group}"] = wide[tasks].mean(axis=1)
-    order = ["task_arithmetic", "ties_merging", "adamerging_task_wise", "adamerging_task_wise_plus",
-             "adamerging_layer_wise", "adamerging_layer_wise_plus"]
+    from pipeline.merging import registry
+
+    order = registry.table_rows()
     return out.loc[[m for m in order if m in out.index] + sorted(set(out.index) - set(order))]
 
 

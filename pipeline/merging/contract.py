@@ -90,6 +90,7 @@ class Method:
     searched: bool = False  # lambda chosen on the validation split (the settings have ``lam``)
     per_task: bool = False  # one model per task (task negation), not one merged model
     synthetic_only: bool = False  # needs what only synthetic zoos have (joint training data)
+    table_row: int | None = None  # its row in the AdaMerging paper's Table 1 (None: not there)
 
     def configure(self, values: Mapping[str, Any] | None = None, **overrides) -> Any:
         """The settings from the config's mapping (lists become tuples); unknown keys are

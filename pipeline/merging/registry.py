@@ -26,22 +26,23 @@ ADAMERGING = "Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Lea
 
 _METHODS = [
     Method("weight_averaging", "Weight Averaging", "Wortsman et al., Model soups, ICML 2022", STORE,
-           weight_averaging.Settings, weight_averaging.run),
+           weight_averaging.Settings, weight_averaging.run, table_row=2),
     Method("task_arithmetic", "Task Arithmetic", "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
-           STORE, task_arithmetic.Settings, task_arithmetic.run, searched=True),
+           STORE, task_arithmetic.Settings, task_arithmetic.run, searched=True, table_row=5),
     Method("ties_merging", "TIES-Merging", "Yadav et al., TIES-Merging, NeurIPS 2023", STORE,
-           ties_merging.Settings, ties_merging.run, searched=True),
+           ties_merging.Settings, ties_merging.run, searched=True, table_row=6),
     Method("fisher_merging", "Fisher Merging", "Matena & Raffel, Merging Models with Fisher-Weighted Averaging, "
-           "NeurIPS 2022", MODELS_AND_TRAIN, fisher_merging.Settings, fisher_merging.run),
+           "NeurIPS 2022", MODELS_AND_TRAIN, fisher_merging.Settings, fisher_merging.run, table_row=3),
     Method("regmean", "RegMean", "Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, "
-           "ICLR 2023", MODELS_AND_TRAIN, regmean.Settings, regmean.run),
+           "ICLR 2023", MODELS_AND_TRAIN, regmean.Settings, regmean.run, table_row=4),
     Method("multitask", "Traditional MTL", "joint fine-tuning on all tasks (the AdaMerging paper's upper bound)",
-           frozenset({Need.TRAIN_DATA}), multitask.Settings, multitask.run, synthetic_only=True),
+           frozenset({Need.TRAIN_DATA}), multitask.Settings, multitask.run, synthetic_only=True, table_row=1),
     Method("task_negation", "Task Negation", "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
            STORE, task_negation.Settings, task_negation.run, per_task=True),
 ] + [
     Method(f"adamerging_{variant}", f"{'Layer' if layer_wise else 'Task'}-wise AdaMerging{'++' if plus else ''}",
-           ADAMERGING, MODELS_AND_TEST, adamerging.Settings, adamerging.runner(variant))
+           ADAMERGING, MODELS_AND_TEST, adamerging.Settings, adamerging.runner(variant),
+           table_row=7 + 2 * layer_wise + plus)
     for variant, (layer_wise, plus) in adamerging.VARIANTS.items()
 ]
 
@@ -63,6 +64,11 @@ def names(needs: frozenset[Need] | None = None, *, searched: bool | None = None,
     return [m.name for m in _METHODS
             if (needs is None or m.needs == needs) and (searched is None or m.searched == searched)
             and m.per_task == per_task and (synthetic or not m.synthetic_only)]
+
+
+def table_rows() -> list[str]:
+    """Method names in the order of the AdaMerging paper's Table 1, then the others."""
+    return sorted(METHODS, key=lambda n: (METHODS[n].table_row is None, METHODS[n].table_row or 0))
 
 
 def adamerging_variant(name: str) -> str:

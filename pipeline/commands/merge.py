@@ -33,9 +33,11 @@ def merge(zoo: dict, method: str, pretrained: str, out: str, tasks: list[str] = 
     """Merge with a registered method; pass what its needs name (task vectors; fine-tuned
     encoders, heads and training data)."""
     spec = registry.method(method)
+    if Need.TEST_DATA in spec.needs:
+        raise ValueError(f"merge: {method} learns on unlabeled test images; run it with the adamerge verb")
     config = spec.configure(settings)
     inputs = Inputs({}, list(tasks), seed=zoo["seed"], device=default_device(), budget_mib=budget_mib)
-    record = {"method": method, "settings": settings}
+    record = {"method": method, "settings": settings, "tasks": list(tasks)}
     if Need.TASK_VECTORS in spec.needs:
         _, inputs.pretrained, inputs.store = open_store(zoo, pretrained, task_vectors)
         inputs.tasks = inputs.store.tasks
@@ -43,10 +45,10 @@ def merge(zoo: dict, method: str, pretrained: str, out: str, tasks: list[str] = 
     else:
         inputs.encoder = load_clip(zoo, pretrained).visual
         inputs.pretrained = {k: v.clone() for k, v in inputs.encoder.state_dict().items()}
-        inputs.heads = heads_of(heads)
-        inputs.train = splits(zoo, tasks, data, "train")
+    if Need.TRAIN_DATA in spec.needs:
+        inputs.heads, inputs.train = heads_of(heads), splits(zoo, tasks, data, "train")
+    if Need.MODELS in spec.needs:
         inputs.finetuned = finetuned_models(finetuned)
-        record["tasks"] = list(tasks)
     summary = write_merge(spec.run(inputs, config), out, record)
     if summary:
         log.info("%s: %d passes, %.0f MiB read, %.1f s", method, summary["passes"], summary["bytes_read"] / 2**20,

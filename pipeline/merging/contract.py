@@ -13,11 +13,14 @@ import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from pipeline.store.task_vectors import TaskVectorStore
 
 StateDict = dict[str, torch.Tensor]
 
@@ -40,7 +43,7 @@ class Inputs:
 
     pretrained: Mapping[str, torch.Tensor]  # the pretrained image encoder's state dict
     tasks: Sequence[str] = ()
-    store: Any = None  # pipeline.store.task_vectors.TaskVectorStore over ``tasks``
+    store: TaskVectorStore | None = None  # the task vectors of ``tasks``
     encoder: nn.Module | None = None  # a module of the architecture (its weights get overwritten)
     finetuned: Sequence[Mapping[str, torch.Tensor]] = ()
     heads: Sequence[torch.Tensor] = ()  # per task the frozen zero-shot head

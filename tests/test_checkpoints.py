@@ -15,7 +15,7 @@ from pipeline.models.checkpoints import (
     state_dict_hash,
 )
 from pipeline.models.clip import SYNTHETIC_ARCH, create_model
-from tests.task_vectors_release import ImageEncoder
+from helpers.task_vectors_release import ImageEncoder
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from workflow_helpers import REPO, snakemake
+from helpers.workflow import REPO, snakemake
 
 SCHEMA = str(REPO / "workflow/schemas/config.schema.yaml")
 

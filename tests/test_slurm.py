@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from workflow_helpers import REPO, snakemake, tiny_config
+from helpers.workflow import REPO, snakemake, tiny_config
 
 pytestmark = pytest.mark.workflow
 

@@ -14,7 +14,7 @@ from pipeline.merging.contract import Inputs, apply_vector
 from pipeline.merging.ties_merging import Ties, exact_thresholds
 from pipeline.store.streaming import Linear, Reader, merge_to_file, merge_to_memory
 from pipeline.store.task_vectors import Storage, TaskVectorStore, write_diffs
-from workflow_helpers import REPO
+from helpers.workflow import REPO
 
 TASKS = ["a", "b", "c", "d", "e"]
 SHAPES = {"conv.weight": (6, 3, 3, 3), "ln.bias": (7,), "attn.in_proj_weight": (45, 15), "proj": (15, 11),

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from workflow_helpers import REPO, snakemake
+from helpers.workflow import REPO, snakemake
 
 pytestmark = pytest.mark.workflow
 

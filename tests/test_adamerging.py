@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers.adamerging import K, perturbed_zoo
 from safetensors.torch import load_file
 from torch.func import functional_call
 
@@ -18,22 +19,13 @@ from pipeline.models.checkpoints import save_state_dict
 from pipeline.models.clip import create_model, logits
 from pipeline.zoo.store import save_head
 
-K, CLASSES, DIM = 3, 5, 64
 # fp32: the fused and naive paths add the same products in different orders
 GRAD_TOL = {"rtol": 1e-4, "atol": 1e-6}
 
 
 @pytest.fixture(scope="module")
 def zoo():
-    """A pretrained tiny encoder, K randomly perturbed fine-tuned ones, heads and images."""
-    torch.manual_seed(0)
-    encoder = create_model("synth-vit-tiny", seed=0).visual.eval()
-    pre = {k: v.clone() for k, v in encoder.state_dict().items()}
-    finetuned = [{k: v + 0.05 * v.std().nan_to_num(1.0) * torch.randn_like(v) for k, v in pre.items()}
-                 for _ in range(K)]
-    heads = [20 * torch.nn.functional.normalize(torch.randn(CLASSES, DIM), dim=-1) for _ in range(K)]
-    images = [torch.randn(32, 3, 32, 32) for _ in range(K)]
-    return encoder, pre, finetuned, heads, images
+    return perturbed_zoo()
 
 
 def _fused(zoo, layer_wise, raw):

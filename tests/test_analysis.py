@@ -7,6 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers.analysis import (
+    TASKS,
+    _coefficient_inputs,
+    _models,
+    _pem_rows,
+    _png,
+    _robustness_rows,
+    _unseen_rows,
+)
 from scipy.stats import spearmanr
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -14,15 +23,7 @@ from torch.utils.data import TensorDataset
 from pipeline.analysis import coefficients, distances, pem, robustness, sensitivity, surrogate, unseen
 from pipeline.analysis.corruptions import CORRUPTIONS, corrupt
 from pipeline.data.synthetic import render
-from pipeline.functional import FlatLayout
-from pipeline.merging.adamerging import Result, Settings, entropy_table, lambda_table
 from pipeline.models.checkpoints import save_state_dict
-
-TASKS = ["colour", "stripes", "size"]
-
-
-def _png(path: Path) -> None:
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
 
 
 # ----------------------------------------------------------------- corruptions
@@ -72,28 +73,6 @@ def test_sensitivity_table_and_figure(tmp_path):
 
 
 # ---------------------------------------------------------------- coefficients
-def _layout() -> FlatLayout:
-    sd = {"conv1.weight": torch.zeros(4, 3), "transformer.resblocks.0.attn.in_proj_weight": torch.zeros(6),
-          "transformer.resblocks.0.mlp.c_fc.weight": torch.zeros(5),
-          "transformer.resblocks.1.mlp.c_fc.weight": torch.zeros(5), "ln_post.weight": torch.zeros(2),
-          "proj": torch.zeros(2, 2)}
-    return FlatLayout.of(sd)
-
-
-def _lambdas(variant: str, layer_wise: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
-    layout = _layout()
-    segments = len(layout.names) if layer_wise else 1
-    raw = {0: torch.full((len(TASKS), segments), 0.3), 5: torch.rand(len(TASKS), segments, generator=torch.Generator().manual_seed(0))}
-    result = Result(variant, layout, Settings(), raw, [3.0, 2.5, 2.0, 1.8, 1.7], {})
-    return lambda_table(result, TASKS), entropy_table(result)
-
-
-def _coefficient_inputs():
-    parts = [_lambdas(v, lw) for v, lw in [("task_wise", False), ("layer_wise", True), ("task_wise_plus", False),
-                                          ("layer_wise_plus", True)]]
-    return pd.concat([p[0] for p in parts], ignore_index=True), pd.concat([p[1] for p in parts], ignore_index=True)
-
-
 def test_coefficient_table_groups_blocks(tmp_path):
     lambdas, entropy = _coefficient_inputs()
     lambdas.to_parquet(tmp_path / "l.parquet")  # the round trip the workflow does
@@ -114,20 +93,6 @@ def test_coefficient_table_groups_blocks(tmp_path):
 
 
 # ------------------------------------------------------------------- distances
-def _models(tmp_path: Path) -> dict[str, Path]:
-    g = torch.Generator().manual_seed(0)
-    base = {"a.weight": torch.randn(4, 3, generator=g), "b.bias": torch.randn(5, generator=g),
-            "steps": torch.tensor(3)}
-    files = {}
-    save_state_dict({f"visual.{k}": v for k, v in base.items()} | {"text.w": torch.ones(2)}, tmp_path / "pre.safetensors")
-    files["pretrained"] = tmp_path / "pre.safetensors"
-    for i in range(2):
-        sd = {k: v + (i + 1) * 0.1 if v.is_floating_point() else v for k, v in base.items()}
-        save_state_dict(sd, tmp_path / f"m{i}.safetensors")
-        files[f"finetuned_t{i}"] = tmp_path / f"m{i}.safetensors"
-    return files
-
-
 def test_l2_of_a_model_with_itself_is_zero_and_distances_are_exact(tmp_path):
     files = _models(tmp_path)
     d = distances.l2_distances({"x": files["finetuned_t0"], "y": files["finetuned_t0"]})
@@ -203,17 +168,6 @@ def test_per_sample_table_and_scatter(tmp_path):
 
 
 # ---------------------------------------------------------- robustness, unseen
-def _robustness_rows() -> pd.DataFrame:
-    rows = []
-    for c in ["clean", "gaussian_noise", "contrast"]:
-        for m in robustness.METHODS:
-            for t in TASKS:
-                for s in (["clean"] if c == "clean" else ["clean", "corrupted"]):
-                    rows.append({"corruption": c, "severity": 0 if c == "clean" else 3, "method": m, "task": t,
-                                 "test_set": s, "accuracy": 50.0 + len(m), "n": 10})
-    return pd.DataFrame(rows, columns=robustness.COLUMNS)
-
-
 def test_robustness_figure(tmp_path):
     robustness.plot_robustness(_robustness_rows(), tmp_path / "r.png")
     _png(tmp_path / "r.png")
@@ -227,12 +181,6 @@ def test_corrupted_split_keeps_labels():
     assert out.tensors[0].shape == data.tensors[0].shape and torch.equal(out.tensors[1], data.tensors[1])
     assert not torch.equal(out.tensors[0], data.tensors[0])
     assert torch.equal(robustness.corrupted_split(data, zoo, "clean", 3, 0).tensors[0], data.tensors[0])
-
-
-def _unseen_rows() -> pd.DataFrame:
-    rows = [{"method": m, "task": t, "group": "unseen" if t == "size" else "seen", "accuracy": 40.0 + i, "n": 9}
-            for i, m in enumerate(["task_arithmetic", "adamerging_layer_wise", "ties_merging"]) for t in TASKS]
-    return pd.DataFrame(rows, columns=unseen.COLUMNS)
 
 
 def test_unseen_table_and_figure(tmp_path):
@@ -251,14 +199,6 @@ def test_padded_task_vectors_add_zero_rows():
 
 
 # ---------------------------------------------------------------------- report
-def _pem_rows() -> pd.DataFrame:
-    rows = [{"update": u, "method": m, "task": t, "role": r, "accuracy": acc, "lam": 0.3}
-            for u, base in (("full", 80.0), ("lora", 70.0)) for t in TASKS
-            for m, r, acc in (("individual", "target", base + 15), ("addition", "all", base),
-                              ("negation", "target", 20.0), ("negation", "control", 60.0), ("adamerging", "all", base + 5))]
-    return pd.DataFrame(rows, columns=pem.COLUMNS)
-
-
 def test_pem_summary_splits_negation_into_target_and_control():
     table = pem.summary(_pem_rows())
     assert list(table.columns) == ["Full fine-tuning", "LoRA"]

@@ -1,26 +1,11 @@
 """The zarr task-vector store: contents, refusals, atomic writes and chunk streaming."""
 import pytest
 import torch
+from helpers.store import CHUNK, CHUNK_MIB, encoder_state, finetune
 from safetensors.torch import save_file
 
 import pipeline.store.task_vectors as tv
 from pipeline.store.task_vectors import TaskVectorStore, write_task_vector
-
-CHUNK = 64  # entries per chunk in these tests
-CHUNK_MIB = CHUNK * 4 / 2**20
-
-
-def encoder_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"conv1.weight": torch.randn(8, 3, 2, 2, generator=g), "ln.bias": torch.randn(7, generator=g),
-            "blocks.0.attn.in_proj_weight": torch.randn(24, 8, generator=g),
-            "half.weight": torch.randn(5, 13, generator=g).half(), "ids": torch.arange(4)}
-
-
-def finetune(pre: dict, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v
-            for k, v in pre.items()}
 
 
 def build(tmp_path, tasks=("a", "b", "c"), pre=None):

@@ -14,11 +14,9 @@ from pipeline.merging.contract import Inputs, apply_vector
 from pipeline.merging.ties_merging import Ties, exact_thresholds
 from pipeline.store.streaming import Linear, Reader, merge_to_file, merge_to_memory
 from pipeline.store.task_vectors import Storage, TaskVectorStore, write_diffs
+from helpers.merging import merged
+from helpers.store import SHAPES, TASKS, make_store, n_total, task_vectors
 from helpers.workflow import REPO
-
-TASKS = ["a", "b", "c", "d", "e"]
-SHAPES = {"conv.weight": (6, 3, 3, 3), "ln.bias": (7,), "attn.in_proj_weight": (45, 15), "proj": (15, 11),
-          "half.weight": (5, 13)}
 
 
 def pretrained_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -29,36 +27,8 @@ def pretrained_state(seed: int = 0) -> dict[str, torch.Tensor]:
     return sd
 
 
-def make_store(path, values: torch.Tensor, chunk_elems: int = 37, storage: Storage = Storage()) -> TaskVectorStore:
-    """A store whose task j holds ``values[j]`` split into the tensors of SHAPES."""
-    sizes = [torch.Size(s).numel() for s in SHAPES.values()]
-    for j, task in enumerate(TASKS[: len(values)]):
-        parts = values[j].split(sizes)
-        diffs = ((k, p.reshape(s), torch.float16 if k == "half.weight" else torch.float32)
-                 for (k, s), p in zip(SHAPES.items(), parts))
-        write_diffs(path, task, diffs, "base", f"src-{task}", chunk_elems * storage.itemsize / 2**20, storage)
-    return TaskVectorStore(path, TASKS[: len(values)])
-
-
 def flat(vector: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([vector[k].reshape(-1) for k in SHAPES])
-
-
-def n_total() -> int:
-    return sum(torch.Size(s).numel() for s in SHAPES.values())
-
-
-def task_vectors(kind: str = "randn", k: int = 5, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if kind == "levels":  # ties at thresholds, zeros and exact sign cancellations
-        return torch.randint(-3, 4, (k, n_total()), generator=g) * 0.5
-    return torch.randn(k, n_total(), generator=g)
-
-
-def merged(name: str, pre: dict, store: TaskVectorStore, **settings) -> dict:
-    """The merge of method ``name`` through its registry entry, in memory."""
-    spec = registry.method(name)
-    return spec.run(Inputs(pre, store.tasks, store), spec.configure(settings)).state_dict()
 
 
 @pytest.mark.parametrize("chunk", [1, 37, 1000])

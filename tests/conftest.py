@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers.workflow import REPO, snakemake
 
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter; set before triton is imported

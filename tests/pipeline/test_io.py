@@ -3,6 +3,7 @@ import os
 import stat
 
 import pytest
+
 from pipeline.io import atomic_path, write_json
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from helpers.workflow import REPO, snakemake
 
 pytestmark = pytest.mark.workflow

@@ -31,9 +31,9 @@ import pandas as pd
 import pytest
 import torch
 import zarr
+from helpers.workflow import REPO, snakemake, snakemake_command, tiny_config
 from safetensors.torch import load_file
 
-from helpers.workflow import REPO, snakemake, snakemake_command, tiny_config
 from pipeline.store.task_vectors import TaskVectorStore
 
 # Snakemake marks directory() outputs with a .snakemake_timestamp file, which zarr notes

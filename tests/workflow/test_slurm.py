@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from helpers.workflow import REPO, snakemake, tiny_config
 
 pytestmark = pytest.mark.workflow

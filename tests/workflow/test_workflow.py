@@ -7,7 +7,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from helpers.workflow import REPO, snakemake
 
 pytestmark = pytest.mark.workflow

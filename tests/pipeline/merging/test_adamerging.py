@@ -12,7 +12,6 @@ from torch.func import functional_call
 from pipeline.functional import FlatLayout
 from pipeline.merging import adamerging as am
 
-
 # fp32: the fused and naive paths add the same products in different orders
 GRAD_TOL = {"rtol": 1e-4, "atol": 1e-6}
 

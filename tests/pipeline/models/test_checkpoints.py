@@ -5,6 +5,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers.task_vectors_release import ImageEncoder
 from safetensors.torch import load_file, save_file
 
 import pipeline.models.checkpoints as ckpt
@@ -17,7 +18,6 @@ from pipeline.models.checkpoints import (
     state_dict_hash,
 )
 from pipeline.models.clip import SYNTHETIC_ARCH, create_model
-from helpers.task_vectors_release import ImageEncoder
 
 
 @pytest.fixture(scope="module")

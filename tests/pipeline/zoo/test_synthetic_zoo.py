@@ -13,7 +13,6 @@ from pipeline.data.synthetic import to_tensor
 from pipeline.models.checkpoints import state_dict_hash
 from pipeline.zoo.synthetic_zoo import build_task_data, finetune, pretrain, zero_shot_head
 
-
 SIZES = {"train": 64, "val": 32, "test": 32}
 DOMAINS = {"shared": {"noise": 0.1, "contrast": 0.7}, "specific": {"hue_shift": 0.5, "texture": 0.1}}
 PRETRAIN = dict(arch="synth-vit-tiny", corpus=256, steps=3, batch_size=32, lr=1e-3, weight_decay=0.1, warmup=1)

@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from workflow_helpers import REPO, snakemake
+from helpers.workflow import REPO, snakemake
 
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter; set before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -7,8 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
-from workflow_helpers import REPO, snakemake
+from helpers.workflow import REPO, snakemake
 
 pytestmark = pytest.mark.workflow
 

@@ -1,11 +1,13 @@
-"""Out-of-core merging: streamed results equal in-memory ones, the memory budget holds,
-storage formats round-trip."""
+"""Out-of-core merging: streamed results equal in-memory ones, the memory budget holds."""
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers.merging import merged
+from helpers.store import SHAPES, TASKS, make_store, n_total, task_vectors
+from helpers.workflow import REPO
 from safetensors.torch import load_file, save_file
 
 from kernels import ties_merge, ties_thresholds
@@ -13,12 +15,7 @@ from pipeline.merging import registry
 from pipeline.merging.contract import Inputs, apply_vector
 from pipeline.merging.ties_merging import Ties, exact_thresholds
 from pipeline.store.streaming import Linear, Reader, merge_to_file, merge_to_memory
-from pipeline.store.task_vectors import Storage, TaskVectorStore, write_diffs
-from workflow_helpers import REPO
-
-TASKS = ["a", "b", "c", "d", "e"]
-SHAPES = {"conv.weight": (6, 3, 3, 3), "ln.bias": (7,), "attn.in_proj_weight": (45, 15), "proj": (15, 11),
-          "half.weight": (5, 13)}
+from pipeline.store.task_vectors import TaskVectorStore, write_diffs
 
 
 def pretrained_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -29,36 +26,8 @@ def pretrained_state(seed: int = 0) -> dict[str, torch.Tensor]:
     return sd
 
 
-def make_store(path, values: torch.Tensor, chunk_elems: int = 37, storage: Storage = Storage()) -> TaskVectorStore:
-    """A store whose task j holds ``values[j]`` split into the tensors of SHAPES."""
-    sizes = [torch.Size(s).numel() for s in SHAPES.values()]
-    for j, task in enumerate(TASKS[: len(values)]):
-        parts = values[j].split(sizes)
-        diffs = ((k, p.reshape(s), torch.float16 if k == "half.weight" else torch.float32)
-                 for (k, s), p in zip(SHAPES.items(), parts))
-        write_diffs(path, task, diffs, "base", f"src-{task}", chunk_elems * storage.itemsize / 2**20, storage)
-    return TaskVectorStore(path, TASKS[: len(values)])
-
-
 def flat(vector: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([vector[k].reshape(-1) for k in SHAPES])
-
-
-def n_total() -> int:
-    return sum(torch.Size(s).numel() for s in SHAPES.values())
-
-
-def task_vectors(kind: str = "randn", k: int = 5, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if kind == "levels":  # ties at thresholds, zeros and exact sign cancellations
-        return torch.randint(-3, 4, (k, n_total()), generator=g) * 0.5
-    return torch.randn(k, n_total(), generator=g)
-
-
-def merged(name: str, pre: dict, store: TaskVectorStore, **settings) -> dict:
-    """The merge of method ``name`` through its registry entry, in memory."""
-    spec = registry.method(name)
-    return spec.run(Inputs(pre, store.tasks, store), spec.configure(settings)).state_dict()
 
 
 @pytest.mark.parametrize("chunk", [1, 37, 1000])
@@ -157,18 +126,6 @@ def test_budget_too_small_names_the_fix(tmp_path):
         Reader(store, budget_mib=2)
 
 
-@pytest.mark.parametrize("storage", [Storage("float32", "zstd", 3), Storage("float32", "blosc", 5),
-                                     Storage("float16"), Storage("bfloat16", "zstd")], ids=str)
-def test_storage_formats_round_trip(tmp_path, storage):
-    tvs = task_vectors()
-    store = make_store(tmp_path / "tv.zarr", tvs, chunk_elems=50, storage=storage)
-    got = torch.stack([torch.cat([b[j] for _, _, b in store.chunks()]) for j in range(len(TASKS))])
-    expected = tvs if storage.dtype == "float32" else tvs.to(getattr(torch, storage.dtype)).float()
-    assert torch.equal(got, expected)
-    with pytest.raises(ValueError, match="storage codec 'lz5' unknown"):
-        Storage(codec="lz5")
-
-
 PROBE = r"""
 import json, os, sys, threading, time, torch
 from pipeline.store.task_vectors import TaskVectorStore
@@ -215,12 +172,3 @@ def test_memory_budget_respected(tmp_path):
     assert peaks["dense", 2**22] >= 128, peaks  # the probe sees the dense matrix
     assert peaks["stream", 2**22] < 0.4 * peaks["dense", 2**22], peaks
     assert peaks["stream", 2**22] - peaks["stream", 2**20] < 16, peaks  # independent of the size
-
-
-def test_scale_benchmark_checks_disk_space_first(tmp_path):
-    sys.path.insert(0, str(REPO))
-    from benchmarks.bench_scale import check_disk
-
-    check_disk(tmp_path, 1)
-    with pytest.raises(SystemExit, match=r"needs 1000000000.0 GB free in .* pass --workdir on a larger disk"):
-        check_disk(tmp_path, 10**18)

@@ -1,13 +1,10 @@
-"""Atomic writes: the one helper every writer uses, and the streamed safetensors writer."""
+"""Atomic writes: the one helper every writer uses."""
 import os
 import stat
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from pipeline.io import atomic_path, write_json
-from pipeline.models.checkpoints import SafetensorsWriter
 
 
 def mode(path) -> int:
@@ -55,22 +52,3 @@ def test_any_failure_keeps_the_old_output_and_no_temporary(tmp_path, error, dire
         raise error("killed")
     assert sorted(os.listdir(tmp_path)) == ["out"]
     assert (out / "old").read_text() == "1" if directory else out.read_text() == '{\n  "old": 1\n}'
-
-
-def test_safetensors_writer_round_trip_and_abort(tmp_path):
-    specs = [("a", torch.float32, (2, 3)), ("b", torch.float16, (4,))]
-    a, b = torch.arange(6.0).reshape(2, 3), torch.ones(4, dtype=torch.float16)
-    writer = SafetensorsWriter(tmp_path / "m.safetensors", specs, {"k": "v"})
-    writer.write("a", a.reshape(-1)[:4])
-    writer.write("a", a.reshape(-1)[4:])
-    writer.write("b", b)
-    writer.close([("b", torch.tensor([2]), torch.tensor([5.0]))])
-    got = load_file(tmp_path / "m.safetensors")
-    assert torch.equal(got["a"], a) and got["b"].tolist() == [1, 1, 5, 1]
-    assert os.listdir(tmp_path) == ["m.safetensors"]
-
-    writer = SafetensorsWriter(tmp_path / "n.safetensors", specs)
-    writer.file.close()  # e.g. a failed flush: abort must still remove the temporary file
-    writer.file = type("Broken", (), {"close": lambda self: (_ for _ in ()).throw(OSError("disk full"))})()
-    writer.abort()
-    assert os.listdir(tmp_path) == ["m.safetensors"]

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from workflow_helpers import REPO, snakemake
+from helpers.workflow import REPO, snakemake
 
 pytestmark = pytest.mark.workflow
 

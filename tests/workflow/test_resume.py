@@ -12,7 +12,7 @@ Each time the store must not hold the partial subgroup, and Snakemake must treat
 job as incomplete; after `--unlock` and `--rerun-incomplete` every task vector, merged model,
 settings file and lambda table equals the reference bit for bit.
 
-The kill points come from tests/faults/sitecustomize.py, put on the workflow processes'
+The kill points come from tests/helpers/faults/sitecustomize.py, put on the workflow processes'
 PYTHONPATH: it pauses the pipeline's os.replace of a chosen output so the kill lands there.
 """
 
@@ -31,9 +31,9 @@ import pandas as pd
 import pytest
 import torch
 import zarr
+from helpers.workflow import REPO, snakemake, snakemake_command, tiny_config
 from safetensors.torch import load_file
 
-from workflow_helpers import REPO, snakemake, snakemake_command, tiny_config
 from pipeline.store.task_vectors import TaskVectorStore
 
 # Snakemake marks directory() outputs with a .snakemake_timestamp file, which zarr notes
@@ -81,7 +81,7 @@ def run_until_killed(work: Path, configfile: str, pause_at: str, watch_partial: 
                                  cwd=work)
     env.update(ADAMERGE_TEST_PAUSE_AT=pause_at, ADAMERGE_TEST_PAUSE_MARKER=str(marker),
                ADAMERGE_TEST_PAUSE_SECONDS=str(timeout),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests/faults"), env.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests/helpers/faults"), env.get("PYTHONPATH")])))
     with open(work / "killed-run.log", "a") as log:
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

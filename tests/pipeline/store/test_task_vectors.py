@@ -1,26 +1,12 @@
-"""The zarr task-vector store: contents, refusals, atomic writes and chunk streaming."""
+"""The zarr task-vector store: contents, refusals, atomic writes, chunk streaming and storage
+formats."""
 import pytest
 import torch
+from helpers.store import CHUNK, CHUNK_MIB, TASKS, encoder_state, finetune, make_store, task_vectors
 from safetensors.torch import save_file
 
 import pipeline.store.task_vectors as tv
-from pipeline.store.task_vectors import TaskVectorStore, write_task_vector
-
-CHUNK = 64  # entries per chunk in these tests
-CHUNK_MIB = CHUNK * 4 / 2**20
-
-
-def encoder_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"conv1.weight": torch.randn(8, 3, 2, 2, generator=g), "ln.bias": torch.randn(7, generator=g),
-            "blocks.0.attn.in_proj_weight": torch.randn(24, 8, generator=g),
-            "half.weight": torch.randn(5, 13, generator=g).half(), "ids": torch.arange(4)}
-
-
-def finetune(pre: dict, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v
-            for k, v in pre.items()}
+from pipeline.store.task_vectors import Storage, TaskVectorStore, write_task_vector
 
 
 def build(tmp_path, tasks=("a", "b", "c"), pre=None):
@@ -144,3 +130,15 @@ def test_rewrite_removes_temporaries_left_by_a_sigkill(tmp_path):
     other.mkdir()
     write_task_vector(tmp_path / "tv.zarr", "a", pre, fts["a"], tmp_path / "a.safetensors", CHUNK_MIB)
     assert not stale.exists() and other.exists()
+
+
+@pytest.mark.parametrize("storage", [Storage("float32", "zstd", 3), Storage("float32", "blosc", 5),
+                                     Storage("float16"), Storage("bfloat16", "zstd")], ids=str)
+def test_storage_formats_round_trip(tmp_path, storage):
+    tvs = task_vectors()
+    store = make_store(tmp_path / "tv.zarr", tvs, chunk_elems=50, storage=storage)
+    got = torch.stack([torch.cat([b[j] for _, _, b in store.chunks()]) for j in range(len(TASKS))])
+    expected = tvs if storage.dtype == "float32" else tvs.to(getattr(torch, storage.dtype)).float()
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="storage codec 'lz5' unknown"):
+        Storage(codec="lz5")

@@ -4,10 +4,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.workflow import REPO, snakemake
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
-
-from workflow_helpers import REPO, snakemake
 
 SCHEMA = str(REPO / "workflow/schemas/config.schema.yaml")
 

@@ -1,7 +1,4 @@
-"""Helpers of the workflow tests: run the project's Snakefile in a scratch directory.
-
-(A module of its own, not conftest.py: tests/kernels has a conftest.py too, and both would
-be imported under the one name ``conftest``.)"""
+"""Helpers of the workflow tests: run the project's Snakefile in a scratch directory."""
 
 import os
 import subprocess
@@ -10,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def snakemake_command(*args: str, cwd: Path, repo: Path = REPO) -> tuple[list[str], dict[str, str]]:

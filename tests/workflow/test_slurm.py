@@ -11,7 +11,7 @@ A tiny zoo (one task, a few training steps) is built through the SLURM profile
 zero-shot head, fine-tuning, evaluation (5 jobs in 4 dependency levels; each level costs a
 job plus the plugin's status-check backoff, 1 s then +10 s per check, so the test stays
 within about 1-2 minutes; the task-vector and merge jobs are covered locally by
-tests/test_workflow.py and tests/test_resume.py).
+tests/workflow/test_workflow.py and tests/workflow/test_resume.py).
 The profile is overridden only where a one-node test cluster differs from a real one:
 partition, memory and thread caps, accounting (none: --slurm-no-account and squeue instead
 of sacct), and a one-second first status check.
@@ -27,8 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from workflow_helpers import REPO, snakemake, tiny_config
+from helpers.workflow import REPO, snakemake, tiny_config
 
 pytestmark = pytest.mark.workflow
 

@@ -1,13 +1,16 @@
 import hashlib
+import os
 import sys
 import textwrap
 
 import pytest
 import torch
+from helpers.task_vectors_release import ImageEncoder
 from safetensors.torch import load_file, save_file
 
 import pipeline.models.checkpoints as ckpt
 from pipeline.models.checkpoints import (
+    SafetensorsWriter,
     check_compatible,
     load_state_dict,
     save_state_dict,
@@ -15,7 +18,6 @@ from pipeline.models.checkpoints import (
     state_dict_hash,
 )
 from pipeline.models.clip import SYNTHETIC_ARCH, create_model
-from tests.task_vectors_release import ImageEncoder
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +182,22 @@ def test_check_compatible_names_both_files_and_the_key(visual):
     missing = {k: v for k, v in visual.items() if k != "class_embedding"}
     with pytest.raises(ValueError, match=r"keys missing from ft\.pt: \['class_embedding'\]"):
         check_compatible(visual, missing, "pre.safetensors", "ft.pt")
+
+
+def test_safetensors_writer_round_trip_and_abort(tmp_path):
+    specs = [("a", torch.float32, (2, 3)), ("b", torch.float16, (4,))]
+    a, b = torch.arange(6.0).reshape(2, 3), torch.ones(4, dtype=torch.float16)
+    writer = SafetensorsWriter(tmp_path / "m.safetensors", specs, {"k": "v"})
+    writer.write("a", a.reshape(-1)[:4])
+    writer.write("a", a.reshape(-1)[4:])
+    writer.write("b", b)
+    writer.close([("b", torch.tensor([2]), torch.tensor([5.0]))])
+    got = load_file(tmp_path / "m.safetensors")
+    assert torch.equal(got["a"], a) and got["b"].tolist() == [1, 1, 5, 1]
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+
+    writer = SafetensorsWriter(tmp_path / "n.safetensors", specs)
+    writer.file.close()  # e.g. a failed flush: abort must still remove the temporary file
+    writer.file = type("Broken", (), {"close": lambda self: (_ for _ in ()).throw(OSError("disk full"))})()
+    writer.abort()
+    assert os.listdir(tmp_path) == ["m.safetensors"]

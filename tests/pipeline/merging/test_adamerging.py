@@ -1,39 +1,24 @@
 """AdaMerging on the tiny synthetic ViT: the fused flat-vector path against a naive state-dict
-rebuild, clamping, entropy descent, AdaMerging++ inputs, outputs and the CLI verb."""
+rebuild, clamping, entropy descent, AdaMerging++ inputs and outputs."""
 
 import itertools
-import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers.adamerging import K, perturbed_zoo
 from torch.func import functional_call
 
-from pipeline.cli import main
 from pipeline.functional import FlatLayout
 from pipeline.merging import adamerging as am
-from pipeline.models.checkpoints import save_state_dict
-from pipeline.models.clip import create_model, logits
-from pipeline.zoo.store import save_head
 
-K, CLASSES, DIM = 3, 5, 64
 # fp32: the fused and naive paths add the same products in different orders
 GRAD_TOL = {"rtol": 1e-4, "atol": 1e-6}
 
 
 @pytest.fixture(scope="module")
 def zoo():
-    """A pretrained tiny encoder, K randomly perturbed fine-tuned ones, heads and images."""
-    torch.manual_seed(0)
-    encoder = create_model("synth-vit-tiny", seed=0).visual.eval()
-    pre = {k: v.clone() for k, v in encoder.state_dict().items()}
-    finetuned = [{k: v + 0.05 * v.std().nan_to_num(1.0) * torch.randn_like(v) for k, v in pre.items()}
-                 for _ in range(K)]
-    heads = [20 * torch.nn.functional.normalize(torch.randn(CLASSES, DIM), dim=-1) for _ in range(K)]
-    images = [torch.randn(32, 3, 32, 32) for _ in range(K)]
-    return encoder, pre, finetuned, heads, images
+    return perturbed_zoo()
 
 
 def _fused(zoo, layer_wise, raw):
@@ -87,17 +72,6 @@ def test_clamping_uses_bounds_and_blocks_gradient_outside(zoo):
     am.entropy_loss(model(x), zoo[3], sizes).backward()
     grad = model.lambda_raw.grad[:, 0]
     assert grad[0] == 0 and grad[1] == 0 and grad[2] != 0
-
-
-def test_views_share_the_flat_vector(zoo):
-    layout = FlatLayout.of(zoo[1])
-    flat = layout.flatten(zoo[1])
-    views = layout.unflatten(flat)
-    start, end = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
-    assert all(start <= v.data_ptr() < end for v in views.values())
-    assert all(torch.equal(views[k], zoo[1][k]) for k in layout.names)
-    assert layout.block_index(layout.names.index("transformer.resblocks.2.ln_1.weight")) == 2
-    assert layout.block_index(layout.names.index("conv1.weight")) is None
 
 
 def test_no_steps_is_task_arithmetic(zoo):
@@ -170,39 +144,3 @@ def test_task_vectors_as_input_and_bad_inputs(zoo):
     with pytest.raises(ValueError, match="unknown AdaMerging settings"):
         am.Settings.from_dict({"learning_rate": 1})
     assert am.Settings.from_dict({"betas": [0.5, 0.9]}).betas == (0.5, 0.9)
-
-
-def test_cli_writes_model_lambdas_and_entropy(zoo, tmp_path):
-    _, pre, finetuned, heads, _ = zoo
-    clip = create_model("synth-vit-tiny", seed=0)
-    save_state_dict(clip.state_dict(), tmp_path / "pretrained.safetensors")
-    files = {"finetuned": [], "heads": [], "data": []}
-    rng = np.random.default_rng(0)
-    for t in range(2):
-        save_state_dict(finetuned[t], tmp_path / f"ft{t}.safetensors")
-        save_head(heads[t], tmp_path / f"head{t}.safetensors")
-        np.savez(tmp_path / f"t{t}.npz", x_test=rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8),
-                 y_test=np.zeros(20, dtype=np.int64))
-        files["finetuned"].append(str(tmp_path / f"ft{t}.safetensors"))
-        files["heads"].append(str(tmp_path / f"head{t}.safetensors"))
-        files["data"].append(str(tmp_path / f"t{t}.npz"))
-    zoo_cfg = {"name": "t", "source": "synthetic", "arch": "synth-vit-tiny", "seed": 0}
-    out = tmp_path / "out"
-    main([
-        "adamerge", "--zoo", json.dumps(zoo_cfg), "--variant", "task_wise_plus",
-        "--pretrained", str(tmp_path / "pretrained.safetensors"), "--finetuned", *files["finetuned"],
-        "--heads", *files["heads"], "--tasks", "a", "b", "--data", *files["data"],
-        "--settings", json.dumps({"steps": 3, "log_every": 2}), "--max-images", "10", "--device", "cpu",
-        "--out", str(out / "model.safetensors"), "--lambdas", str(out / "lambdas.parquet"),
-        "--entropy", str(out / "entropy.parquet"), "--threads", "1",
-    ])
-    merged = load_file(str(out / "model.safetensors"))
-    assert merged.keys() == pre.keys()
-    lam = pd.read_parquet(out / "lambdas.parquet")
-    assert set(lam["task"]) == {"a", "b"} and set(lam["step"]) == {0, 2, 3} and lam["tensor"].isna().all()
-    ent = pd.read_parquet(out / "entropy.parquet")
-    assert len(ent) == 3 and (ent["variant"] == "task_wise_plus").all()
-    # the merged encoder gives finite logits
-    enc = clip.visual
-    enc.load_state_dict(merged)
-    assert torch.isfinite(logits(enc(torch.randn(2, 3, 32, 32)), heads[0])).all()

@@ -1,4 +1,4 @@
-"""Fault injection for tests/test_resume.py (on PYTHONPATH of the workflow's processes only).
+"""Fault injection for tests/workflow/test_resume.py (on PYTHONPATH of the workflow's processes only).
 
 Inactive unless ADAMERGE_TEST_PAUSE_AT is set. Then every ``os.replace`` (also reached through
 ``Path.replace``) whose destination matches that regular expression first appends

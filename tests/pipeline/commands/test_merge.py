@@ -1,0 +1,84 @@
+"""The merge verbs (task-vector, merge, lambda-search) through the CLI on a fabricated
+synthetic-format zoo."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers.merging import FT_CFG, assert_state_close, merged
+
+from pipeline.cli import main
+from pipeline.store.task_vectors import TaskVectorStore
+
+
+@pytest.fixture(scope="module")
+def fake_zoo(tmp_path_factory):
+    """Pretrained CLIP, heads, 'fine-tuned' encoders (pretrained + noise) and task data in the
+    zoo's on-disk formats: exercises the verbs without training."""
+    from pipeline.models.checkpoints import save_state_dict
+    from pipeline.models.clip import create_model
+
+    root = tmp_path_factory.mktemp("zoo")
+    model = create_model("synth-vit-tiny", seed=0)
+    save_state_dict(model.state_dict(), root / "pretrained.safetensors")
+    rng = np.random.default_rng(0)
+    for i, task in enumerate(("colour", "border")):
+        g = torch.Generator().manual_seed(i)
+        save_state_dict({"weight": torch.randn(3, 64, generator=g)}, root / f"{task}.head.safetensors")
+        save_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in model.visual.state_dict().items()},
+                        root / f"{task}.safetensors")
+        np.savez(root / f"{task}.npz", **{f"{p}_{s}": a for s, n in (("train", 24), ("val", 12), ("test", 12))
+                                          for p, a in (("x", rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)),
+                                                       ("y", rng.integers(0, 3, n)))})
+    return root
+
+
+def _zoo_args(root):
+    zoo = {"name": "t", "source": "synthetic", "arch": "synth-vit-tiny", "seed": 0,
+           "synthetic": {"finetune": {"steps": 2, "batch_size": 4, "lr": 1e-4, "weight_decay": 0.0, "warmup": 1}}}
+    return ["--zoo", json.dumps(zoo), "--threads", "1", "--pretrained", str(root / "pretrained.safetensors")]
+
+
+def test_cli_verbs(fake_zoo):
+    root, tasks = fake_zoo, ["colour", "border"]
+    base = _zoo_args(root)
+    for t in tasks:
+        main(["task-vector", *base, "--task", t, "--finetuned", str(root / f"{t}.safetensors"),
+              "--chunk-mib", "0.01", "--out", str(root / "tv.zarr" / t)])
+    tvs = [str(root / "tv.zarr" / t) for t in tasks]
+    heads_data = ["--heads", *[str(root / f"{t}.head.safetensors") for t in tasks],
+                  "--data", *[str(root / f"{t}.npz") for t in tasks]]
+    main(["merge", *base, "--method", "weight_averaging", "--task-vectors", *tvs, "--out", str(root / "wa.safetensors")])
+    main(["merge", *base, "--method", "task_negation", "--task-vectors", tvs[0], "--settings", '{"lam": -1.0}',
+          "--out", str(root / "neg.safetensors")])
+    main(["lambda-search", *base, "--method", "ties_merging", "--task-vectors", *tvs, *heads_data,
+          "--settings", '{"k": 20, "merge": "mean"}', "--grid", '{"start": 0.0, "stop": 1.0, "step": 0.5}',
+          "--search-out", str(root / "search.parquet"), "--out", str(root / "ties.safetensors")])
+    search = pd.read_parquet(root / "search.parquet")
+    assert list(search.columns) == ["method", "lambda", "task", "split", "accuracy"]
+    assert len(search) == 3 * 2 and set(search["split"]) == {"val"}
+    record = json.loads((root / "ties.json").read_text())
+    best = search.groupby("lambda")["accuracy"].mean().idxmax()
+    assert record["settings"]["lam"] == best and record["tasks"] == tasks
+    from pipeline.zoo.store import load_clip, load_encoder_state
+    pretrained = load_clip({"arch": "synth-vit-tiny"}, root / "pretrained.safetensors").visual.state_dict()
+    expected = merged("ties_merging", pretrained, TaskVectorStore(root / "tv.zarr", tasks), k=20, merge="mean", lam=best)
+    assert_state_close(load_encoder_state(root / "ties.safetensors"), expected, exact=True)
+    # every grid point is evaluated from the pretrained weights, not from the previous point
+    main(["lambda-search", *base, "--method", "task_arithmetic", "--task-vectors", *tvs, *heads_data,
+          "--grid", '{"start": 0.5, "stop": 0.5, "step": 0.1}', "--search-out", str(root / "ta.parquet"),
+          "--out", str(root / "ta.safetensors")])
+    ta = pd.read_parquet(root / "ta.parquet")
+    torch.testing.assert_close(ta["accuracy"].tolist(), search[search["lambda"] == 0.5]["accuracy"].tolist())
+    for method, settings in (("fisher_merging", '{"examples": 4}'), ("regmean", '{"examples": 8}')):
+        main(["merge", *base, "--method", method, "--tasks", *tasks,
+              "--finetuned", *[str(root / f"{t}.safetensors") for t in tasks], *heads_data,
+              "--settings", settings, "--out", str(root / f"{method}.safetensors")])
+    main(["merge", *base, "--method", "multitask", "--tasks", *tasks, *heads_data,
+          "--settings", json.dumps(FT_CFG | {"steps": 2}), "--out", str(root / "mtl.safetensors")])
+    reference = load_encoder_state(root / "colour.safetensors")
+    for name in ("wa", "neg", "ties", "fisher_merging", "regmean", "mtl"):
+        state = load_encoder_state(root / f"{name}.safetensors")
+        assert state.keys() == reference.keys() and all(bool(torch.isfinite(v).all()) for v in state.values()), name
+        assert (root / f"{name}.json").exists()

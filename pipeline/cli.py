@@ -35,7 +35,7 @@ COMMANDS = {
     "head": "zoo",
     "task-vector": "task_vectors",
     "merge": "merge",
-    "lambda-search": "merge",
+    "lambda-search": "lambda_search",
     "adamerge": "adamerging",
     "evaluate": "evaluate",
     "report": "report",

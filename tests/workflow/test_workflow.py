@@ -9,6 +9,9 @@ import pytest
 import yaml
 from helpers.workflow import REPO, snakemake
 
+from pipeline.merging import registry
+from pipeline.merging.contract import Need
+
 pytestmark = pytest.mark.workflow
 
 ZOO = "micro"
@@ -110,15 +113,20 @@ def test_adding_a_task_reruns_only_its_jobs_and_the_whole_set_jobs(micro_run: Pa
     cfg["zoo"]["tasks"].append("count")
     (micro_run / "config/added.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake("-n", "--cores", "2", "--configfile", "config/added.yaml", cwd=micro_run)
-    n_methods = 6  # weight averaging, task arithmetic, TIES, Fisher, RegMean, multi-task learning
+    # the registry's methods by rule (6 today: weight averaging | task arithmetic, TIES | Fisher,
+    # RegMean, multi-task learning)
+    streamed = len(registry.names(registry.STORE, searched=False))
+    searched = len(registry.names(searched=True))
+    with_data = len(registry.names(registry.MODELS_AND_TRAIN)) + len(registry.names(frozenset({Need.TRAIN_DATA})))
+    n_methods = streamed + searched + with_data
     assert job_counts(proc.stdout) == {
         # the new task's own jobs
         "task_data": 1, "zero_shot_head": 1, "finetune": 1, "task_vector": 1, "task_negation": 1,
         "evaluate_individual": 1,
         # the jobs that consume the whole task set (the other tasks' negations are re-evaluated
         # because their evaluation covers every task)
-        "evaluate_zeroshot": 1, "merge_task_vectors": 1, "lambda_search": 2,
-        "merge_with_data": 3,  # Fisher, RegMean, multi-task learning
+        "evaluate_zeroshot": 1, "merge_task_vectors": streamed, "lambda_search": searched,
+        "merge_with_data": with_data,
         "evaluate_merged": n_methods, "evaluate_negation": len(cfg["zoo"]["tasks"]),
         "adamerging": 4, "evaluate_adamerging": 4,
         # analyses over the whole task set; the unseen-task split (the last two tasks) moves;

@@ -31,8 +31,8 @@ def compose(update: str, encoder: torch.nn.Module, pretrained: dict[str, torch.T
     """Rows of :data:`COLUMNS` for one kind of update (``vectors``: one task vector per task)."""
     from pipeline.evaluation import accuracy
     from pipeline.functional import FlatLayout
-    from pipeline.merging.contract import apply_vector
     from pipeline.merging.adamerging import adamerge
+    from pipeline.merging.contract import apply_vector
     from pipeline.merging.lambda_search import search
 
     def evaluate(state: dict, method: str, which: Sequence[int], role, lam) -> list[dict]:

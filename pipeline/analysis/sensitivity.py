@@ -4,7 +4,6 @@ the test split, with AdaMerging and traditional multi-task learning as reference
 
 from __future__ import annotations
 
-
 import pandas as pd
 
 from pipeline.analysis.common import figure, label, save_figure

@@ -6,10 +6,10 @@ import logging
 
 import pandas as pd
 
-from pipeline.commands.loading import heads_of, splits
+from pipeline.data.tasks import load_split
 from pipeline.evaluation import accuracy
 from pipeline.io import write_parquet
-from pipeline.zoo.store import load_clip, load_encoder_state
+from pipeline.zoo.store import load_clip, load_encoder_state, load_head
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +21,9 @@ def evaluate(zoo: dict, pretrained: str, model: str, method: str, tasks: list[st
     if encoder:
         image_encoder.load_state_dict(load_encoder_state(encoder))
     rows = []
-    for task, head, dataset in zip(tasks, heads_of(heads), splits(zoo, tasks, data, split), strict=True):
-        r = accuracy(image_encoder, head, dataset, batch_size, desc=f"{model} on {task}")
+    for task, head, data_file in zip(tasks, heads, data or [None] * len(tasks), strict=True):  # one split in memory
+        dataset = load_split(zoo, task, split, data_file)
+        r = accuracy(image_encoder, load_head(head), dataset, batch_size, desc=f"{model} on {task}")
         rows.append({"model": model, "method": method, "task": task, "split": split, **r})
         log.info("%s on %s: %.2f%% (n=%d)", model, task, r["accuracy"], r["n"])
     write_parquet(pd.DataFrame(rows), out)

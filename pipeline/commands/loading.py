@@ -10,8 +10,6 @@ from typing import Any
 import torch
 
 from pipeline.data.tasks import load_split
-from pipeline.models.checkpoints import state_dict_hash
-from pipeline.store.task_vectors import TaskVectorStore
 from pipeline.zoo.store import load_clip, load_encoder_state, load_head
 
 
@@ -39,6 +37,9 @@ def job_seed(zoo: dict, name: str) -> int:
 def open_store(zoo: dict, pretrained: str, task_vectors: Sequence[str]):
     """(pretrained image encoder, a copy of its state dict, the store over ``task_vectors``:
     task subgroups of one zarr store)."""
+    from pipeline.models.checkpoints import state_dict_hash  # zarr only for the verbs that read stores
+    from pipeline.store.task_vectors import TaskVectorStore
+
     roots = {Path(p).parent for p in task_vectors}
     if len(roots) != 1:
         raise ValueError(f"--task-vectors must be subgroups of one store, got folders {sorted(map(str, roots))}")

@@ -34,7 +34,6 @@ from pipeline.functional import FlatLayout, functional_forward
 from pipeline.merging.contract import Inputs, MergedState
 from pipeline.models.clip import logits
 
-
 StateDict = dict[str, torch.Tensor]
 
 # variant -> (one coefficient per tensor, TIES parts instead of task vectors)

@@ -94,12 +94,13 @@ def sequential_read(store: TaskVectorStore) -> tuple[float, int]:
 
 OURS = r"""
 import json, sys, torch
+from pipeline.merging.streamed import Scaled
 from pipeline.merging.ties_merging import Ties
 from pipeline.store.streaming import LazyStateDict, merge_to_file
 from pipeline.store.task_vectors import TaskVectorStore
 root, tasks, pretrained, out, budget = sys.argv[1], sys.argv[2].split(","), sys.argv[3], sys.argv[4], float(sys.argv[5])
 torch.set_num_threads(2)
-summary = merge_to_file(TaskVectorStore(root, tasks), Ties(%(k)s, "%(merge)s", %(lam)s), LazyStateDict(pretrained), out,
+summary = merge_to_file(TaskVectorStore(root, tasks), Scaled(Ties(%(k)s, "%(merge)s"), %(lam)s), LazyStateDict(pretrained), out,
                         budget_mib=budget, desc="streaming TIES")
 print(json.dumps(summary))
 """ % {"k": K_PERCENT, "merge": MERGE, "lam": LAM}

@@ -46,12 +46,12 @@ _LOW = 15  # the histogram fallback's second digit: 16 high bits, then 15 low bi
 
 @dataclass
 class Ties:
-    """lam * TIES(tau) with top-``k``% trimming and dis-``merge``: a reducer of
-    :mod:`pipeline.store.streaming` (see module doc)."""
+    """TIES(tau) with top-``k``% trimming and dis-``merge``: a reducer of
+    :mod:`pipeline.store.streaming` (see module doc); scale it with
+    :class:`pipeline.merging.streamed.Scaled`."""
 
     k: float = 20.0
     merge: str = "mean"
-    lam: float = 1.0
     sample: int = 1 << 20  # entries per task read by the sample pass (0: no sample)
     band: float = 0.004  # half-width, in quantile, of the band collected around the estimate
     thresholds: torch.Tensor | None = None
@@ -70,8 +70,8 @@ class Ties:
         if len(where):  # exact cancellations: their result depends on the majority sign
             negative = TiesStats(thr, torch.full((), -1, dtype=torch.int32, device=block.device))
             values = ties_apply(block[:, where].contiguous(), negative, self.merge)
-            self._ambiguous.append((key, where.cpu() + span.start, self.lam * values.cpu()))
-        return self.lam * out
+            self._ambiguous.append((key, where.cpu() + span.start, values.cpu()))
+        return out
 
     def patches(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """(key, flat indices, merged values) to overwrite once the majority sign is known."""
@@ -205,4 +205,4 @@ class Settings:
 
 def run(inputs: Inputs, settings: Settings = Settings()) -> StreamedMerge:
     """theta_pre + ``lam`` * TIES(task vectors) with top-``k``% trimming and dis-``merge``."""
-    return StreamedMerge(inputs, Ties(settings.k, settings.merge, 1.0), settings.lam, desc="TIES")
+    return StreamedMerge(inputs, Ties(settings.k, settings.merge), settings.lam, desc="TIES")

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from kernels import ties_merge, ties_thresholds
 from pipeline.merging import registry
 from pipeline.merging.contract import Inputs, apply_vector
+from pipeline.merging.streamed import Scaled
 from pipeline.merging.ties_merging import Ties, exact_thresholds
 from pipeline.store.streaming import Linear, Reader, merge_to_file, merge_to_memory
 from pipeline.store.task_vectors import TaskVectorStore, write_diffs
@@ -96,7 +97,7 @@ def test_merge_to_file_writes_every_tensor(tmp_path):
     save_file(pre, tmp_path / "pre.safetensors")
     store = make_store(tmp_path / "tv.zarr", task_vectors(), chunk_elems=23)
     out = tmp_path / "merged.safetensors"
-    summary = merge_to_file(store, Ties(20, "mean", 0.4, band=1.0), pre, out, budget_mib=1,
+    summary = merge_to_file(store, Scaled(Ties(20, "mean", band=1.0), 0.4), pre, out, budget_mib=1,
                             metadata={"method": "ties"})
     expected = merged("ties_merging", pre, store, k=20, merge="mean", lam=0.4)
     written = load_file(out)
@@ -129,12 +130,13 @@ def test_budget_too_small_names_the_fix(tmp_path):
 PROBE = r"""
 import json, os, sys, threading, time, torch
 from pipeline.store.task_vectors import TaskVectorStore
+from pipeline.merging.streamed import Scaled
 from pipeline.merging.ties_merging import Ties
 from pipeline.store.streaming import merge_to_file
 root, out, mode = sys.argv[1:4]
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 warm = TaskVectorStore(root, ["warm"])  # loads the codecs, thread pools and kernels first
-merge_to_file(warm, Ties(20, "mean", 0.3), {"w": torch.zeros(warm.shapes["w"])}, out, budget_mib=8)
+merge_to_file(warm, Scaled(Ties(20, "mean"), 0.3), {"w": torch.zeros(warm.shapes["w"])}, out, budget_mib=8)
 store = TaskVectorStore(root, [f"t{j}" for j in range(8)])
 pre = {"w": torch.zeros(store.shapes["w"])}
 start, peak, done = rss(), [0.0], threading.Event()
@@ -147,7 +149,7 @@ probe.start()
 if mode == "dense":  # the in-memory way: all task vectors as one K x N matrix
     dense = torch.cat([b for _, _, b in store.chunks()], dim=1)
 else:
-    merge_to_file(store, Ties(20, "mean", 0.3), pre, out, budget_mib=8)
+    merge_to_file(store, Scaled(Ties(20, "mean"), 0.3), pre, out, budget_mib=8)
 done.set()
 probe.join()
 print(json.dumps({"peak_mib": max(peak[0], rss()) - start}))

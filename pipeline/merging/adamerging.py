@@ -20,7 +20,6 @@ raw coefficients only.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -85,15 +84,6 @@ class Settings:
             raise ValueError(f"AdaMerging precision {self.precision!r} unknown; choose one of {PRECISIONS}")
         if not self.clamp[0] <= self.clamp[1]:
             raise ValueError(f"AdaMerging clamp bounds {self.clamp} must be (low, high) with low <= high")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> Settings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown AdaMerging settings {unknown}; known: {sorted(known)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**values)
 
 
 @dataclass

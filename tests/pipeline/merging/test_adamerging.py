@@ -11,6 +11,7 @@ from torch.func import functional_call
 
 from pipeline.functional import FlatLayout
 from pipeline.merging import adamerging as am
+from pipeline.merging import registry
 
 # fp32: the fused and naive paths add the same products in different orders
 GRAD_TOL = {"rtol": 1e-4, "atol": 1e-6}
@@ -141,6 +142,7 @@ def test_task_vectors_as_input_and_bad_inputs(zoo):
         am.adamerge("nope", encoder, finetuned, heads, images)
     with pytest.raises(ValueError, match="as many heads"):
         am.adamerge("task_wise", encoder, finetuned, heads[:2], images)
-    with pytest.raises(ValueError, match="unknown AdaMerging settings"):
-        am.Settings.from_dict({"learning_rate": 1})
-    assert am.Settings.from_dict({"betas": [0.5, 0.9]}).betas == (0.5, 0.9)
+    spec = registry.method("adamerging_task_wise")
+    with pytest.raises(ValueError, match=r"adamerging_task_wise: unknown settings \['learning_rate'\]"):
+        spec.configure({"learning_rate": 1})
+    assert spec.configure({"betas": [0.5, 0.9]}).betas == (0.5, 0.9)

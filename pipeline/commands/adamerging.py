@@ -39,7 +39,7 @@ def adamerge(zoo: dict, variant: str, pretrained: str, finetuned: list[str], hea
         images.append(as_tensors(split)[0])
         log.info("task %s: %d unlabeled test images cached", task, len(images[-1]))
     encoder = load_clip(zoo, pretrained).visual
-    inputs = Inputs(encoder.state_dict(), tasks, encoder=encoder, finetuned=[m for m in finetuned_models(finetuned)],
+    inputs = Inputs(encoder.state_dict(), tasks, encoder=encoder, finetuned=list(finetuned_models(finetuned)),
                     heads=heads_of(heads), test=images, device=default_device() if device == "auto" else device)
     result = spec.run(inputs, config).details["result"]
     log.info("%s: entropy %.4f -> %.4f, final coefficients in [%.3f, %.3f]", variant,

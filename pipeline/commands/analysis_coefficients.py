@@ -9,7 +9,7 @@ from pipeline.analysis.common import write_parquet
 
 
 def analysis_coefficients(lambdas: list[str], entropy: list[str], out: str, layer_figure: str, task_figure: str,
-                          entropy_figure: str, zoo: dict | None = None) -> None:
+                          entropy_figure: str) -> None:
     """Coefficient table and figures from the AdaMerging runs' ``lambdas`` and ``entropy`` files."""
     table = coefficient_table(pd.concat([pd.read_parquet(f) for f in lambdas], ignore_index=True))
     write_parquet(table, out)

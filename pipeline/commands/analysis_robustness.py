@@ -25,7 +25,7 @@ def analysis_robustness(zoo: dict, pretrained: str, task_vectors: list[str], fin
     write_parquet(table, out)
 
 
-def analysis_robustness_table(inputs: list[str], out: str, figure: str, zoo: dict | None = None) -> None:
+def analysis_robustness_table(inputs: list[str], out: str, figure: str) -> None:
     """All corruptions' rows in one table and figure."""
     table = pd.concat([pd.read_parquet(f) for f in inputs], ignore_index=True)
     write_parquet(table, out)

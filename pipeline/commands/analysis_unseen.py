@@ -17,13 +17,12 @@ def analysis_unseen(zoo: dict, pretrained: str, variant: str, tasks: list[str], 
                     max_images: int = 0, batch_size: int = 512) -> None:
     """``variant`` "baselines" (Task Arithmetic and TIES of the seen tasks) or an AdaMerging
     variant adapted on all ``tasks``' unlabeled test images."""
+    splits = task_splits(zoo, tasks, heads, data, "test")
     if variant == "baselines":
         encoder, state, store = open_store(zoo, pretrained, task_vectors)
-        splits = task_splits(zoo, tasks, heads, data, "test")
         table = unseen_analysis.run_baselines(encoder, state, store, splits, unseen, lambdas, ties, batch_size)
     else:
         settings = registry.method(f"adamerging_{variant}").configure(adamerging)
-        splits = task_splits(zoo, tasks, heads, data, "test")
         encoder = load_clip(zoo, pretrained).visual
         table = unseen_analysis.run_adamerging(encoder, load_clip(zoo, pretrained).visual, variant, seen,
                                                list(finetuned_models(finetuned)), splits, unseen, settings, max_images,
@@ -31,7 +30,7 @@ def analysis_unseen(zoo: dict, pretrained: str, variant: str, tasks: list[str], 
     write_parquet(table, out)
 
 
-def analysis_unseen_table(inputs: list[str], out: str, figure: str, zoo: dict | None = None) -> None:
+def analysis_unseen_table(inputs: list[str], out: str, figure: str) -> None:
     """All variants' rows in one table and figure."""
     table = pd.concat([pd.read_parquet(f) for f in inputs], ignore_index=True)
     write_parquet(table, out)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.commands.loading import heads_of, open_store, splits
+from pipeline.commands.loading import open_store, task_splits
 from pipeline.io import write_json, write_parquet
 from pipeline.merging import registry
 from pipeline.merging.contract import Inputs, apply_vector, default_device
@@ -31,7 +31,7 @@ def lambda_search(zoo: dict, method: str, pretrained: str, task_vectors: list[st
     config, lambdas = spec.configure(settings), lambda_grid(**grid)
     vector = spec.run(Inputs(state, store.tasks, store, device=default_device(), budget_mib=budget_mib),
                       config).vector()
-    val = list(zip(store.tasks, heads_of(heads), splits(zoo, store.tasks, data, "val"), strict=True))
+    val = task_splits(zoo, store.tasks, heads, data, "val")
     rows, best = search(encoder, state, vector, lambdas, val, method, batch_size)
     log.info("%s: best lambda %s on validation", method, best)
     write_parquet(pd.DataFrame(rows), search_out)

@@ -23,9 +23,7 @@ class Lazy(Sequence):
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self.load(s) for s in self.sources[i]]
+    def __getitem__(self, i: int):
         return self.load(self.sources[i])
 
 

@@ -89,10 +89,9 @@ rule analysis_coefficients:
         mem_mb=2000,
         runtime=10,
     params:
-        zoo=zoo_json(),
         code=code_version("analysis-coefficients"),
     shell:
-        "adamerge analysis-coefficients --zoo {params.zoo:q} --lambdas {input.lambdas} "
+        "adamerge analysis-coefficients --lambdas {input.lambdas} "
         "--entropy {input.entropy} --out {output.table} --layer-figure {output.layer} "
         "--task-figure {output.task} --entropy-figure {output.entropy} > {log} 2>&1"
 
@@ -249,10 +248,9 @@ rule analysis_robustness:
         mem_mb=2000,
         runtime=10,
     params:
-        zoo=zoo_json(),
         code=code_version("analysis-robustness-table"),
     shell:
-        "adamerge analysis-robustness-table --zoo {params.zoo:q} --inputs {input} "
+        "adamerge analysis-robustness-table --inputs {input} "
         "--out {output.table} --figure {output.figure} > {log} 2>&1"
 
 
@@ -319,10 +317,9 @@ rule analysis_unseen:
         mem_mb=2000,
         runtime=10,
     params:
-        zoo=zoo_json(),
         code=code_version("analysis-unseen-table"),
     shell:
-        "adamerge analysis-unseen-table --zoo {params.zoo:q} --inputs {input} "
+        "adamerge analysis-unseen-table --inputs {input} "
         "--out {output.table} --figure {output.figure} > {log} 2>&1"
 
 

@@ -1,7 +1,7 @@
+import functools
 import json
 import shlex
 import sys
-from pathlib import Path
 
 from snakemake.utils import validate
 
@@ -63,10 +63,12 @@ shell.prefix(
 )
 
 
+@functools.cache
 def code_version(verb, *methods):
     """Hash of the code a job of ``verb`` runs: its command module, everything that imports
     inside pipeline/ and kernels/, and the modules of the ``methods`` it runs by name
-    (pipeline/provenance.py). As a param, it reruns the job when that code changes."""
+    (pipeline/provenance.py). As a param, it reruns the job when that code changes. Computed
+    once per verb and methods in a Snakemake run, not once per job."""
     modules = [cli.command_module(verb), "pipeline.cli", "pipeline.__main__"]
     modules += [registry.method(m).run.__module__ for m in methods]
     return provenance.code_version(workflow.basedir, modules)

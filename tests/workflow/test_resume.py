@@ -198,7 +198,7 @@ def test_killed_run_resumes_to_the_uninterrupted_results(tmp_path: Path):
     # 3. resume
     resumed = snakemake("--cores", "2", "--rerun-incomplete", *TARGETS, "--configfile", configfile, cwd=work)
     counts = job_counts(resumed.stdout + resumed.stderr)
-    assert counts.get("lambda_search") == 1 and set(counts) <= {"lambda_search", "merge_weight_averaging"}, counts
+    assert counts.get("lambda_search") == 1 and set(counts) <= {"lambda_search", "merge_task_vectors"}, counts
     assert_store_holds_only_complete_subgroups(store, TASKS)
     TaskVectorStore(store, list(TASKS))  # opens: every subgroup complete, one base model
     assert results(work) == results(reference)

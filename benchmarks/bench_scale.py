@@ -7,7 +7,7 @@ whole algorithm with 9 loaded ViT-B/32 models was killed for memory on a 24 GB m
 
     python benchmarks/bench_scale.py --model ViT-L-14 --tasks 20 --workdir /path/with/30GB
     /tmp/fb-venv/bin/python benchmarks/bench_scale.py --model ViT-B-32 --tasks 8 --peer
-    python benchmarks/bench_scale.py --config config/scale.yaml
+    python benchmarks/bench_scale.py --config benchmarks/scale.yaml
 
 Each merge runs in its own process; its peak RSS is that process's ru_maxrss. The page cache
 is dropped before each timed phase when the user may (root), so every phase reads from disk.
@@ -163,7 +163,7 @@ def compare(path_a: Path, path_b: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, help="a YAML file with any of the options below (e.g. config/scale.yaml)")
+    p.add_argument("--config", type=Path, help="a YAML file with any of the options below (e.g. benchmarks/scale.yaml)")
     p.add_argument("--model", default="ViT-B-32", help="open_clip architecture whose image encoder shapes are used")
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--workdir", type=Path, default=Path("results/scale"))

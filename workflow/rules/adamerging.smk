@@ -32,6 +32,7 @@ rule adamerging:
         runtime=240,
         gpu=ADAMERGING["gpus"],
     params:
+        data=data_args(TASKS),
         zoo=zoo_json(),
         tasks=TASKS,
         settings=json.dumps(
@@ -43,7 +44,7 @@ rule adamerging:
     shell:
         "adamerge adamerge --zoo {params.zoo:q} --variant {wildcards.variant} "
         "--pretrained {input.pretrained} --finetuned {input.finetuned} --heads {input.heads} "
-        "--tasks {params.tasks} --data {input.data} --settings {params.settings:q} "
+        "--tasks {params.tasks} --data {params.data} --settings {params.settings:q} "
         "--max-images {params.max_images} --out {output.model} --lambdas {output.lambdas} "
         "--entropy {output.entropy} --threads {threads} > {log} 2>&1"
 
@@ -69,6 +70,7 @@ rule evaluate_adamerging:
         mem_mb=4000,
         runtime=30,
     params:
+        data=data_args(TASKS),
         zoo=zoo_json(),
         tasks=TASKS,
         batch=config["evaluation"]["batch_size"],
@@ -76,5 +78,5 @@ rule evaluate_adamerging:
     shell:
         "adamerge evaluate --zoo {params.zoo:q} --model adamerging_{wildcards.variant} "
         "--method adamerging_{wildcards.variant} --pretrained {input.pretrained} --encoder {input.encoder} "
-        "--tasks {params.tasks} --heads {input.heads} --data {input.data} --batch-size {params.batch} "
+        "--tasks {params.tasks} --heads {input.heads} --data {params.data} --batch-size {params.batch} "
         "--out {output} --threads {threads} > {log} 2>&1"

@@ -40,6 +40,7 @@ rule analysis_sensitivity:
         mem_mb=4000,
         runtime=60,
     params:
+        data=data_args(TASKS),
         zoo=zoo_json(),
         settings=json.dumps({m: json.loads(merge_settings(m)) for m in SEARCH_METHODS}),
         test="--test" if analysis_cfg("sensitivity")["test"] else "",
@@ -47,7 +48,7 @@ rule analysis_sensitivity:
         code=code_version("analysis-sensitivity", *SEARCH_METHODS),
     shell:
         "adamerge analysis-sensitivity --zoo {params.zoo:q} --pretrained {input.pretrained} "
-        "--task-vectors {input.store} --heads {input.heads} --data {input.data} --search {input.search} "
+        "--task-vectors {input.store} --heads {input.heads} --data {params.data} --search {input.search} "
         "--references {input.references} --settings {params.settings:q} {params.test} "
         "--batch-size {params.batch} --out {output.table} --figure {output.figure} "
         "--threads {threads} > {log} 2>&1"
@@ -170,6 +171,7 @@ rule analysis_surrogate:
         mem_mb=4000,
         runtime=30,
     params:
+        data=data_args(TASKS),
         zoo=zoo_json(),
         lambdas=analysis_cfg("surrogate")["lambdas"],
         max_samples=analysis_cfg("surrogate")["max_samples"],
@@ -177,7 +179,7 @@ rule analysis_surrogate:
         code=code_version("analysis-surrogate"),
     shell:
         "adamerge analysis-surrogate --zoo {params.zoo:q} --pretrained {input.pretrained} "
-        "--task-vectors {input.store} --heads {input.heads} --data {input.data} "
+        "--task-vectors {input.store} --heads {input.heads} --data {params.data} "
         "--lambdas {params.lambdas} --max-samples {params.max_samples} --batch-size {params.batch} "
         "--out {output.samples} --spearman-out {output.spearman} --figure {output.figure} "
         "--threads {threads} > {log} 2>&1"
@@ -206,6 +208,7 @@ rule analysis_robustness_run:
         runtime=120,
         gpu=ADAMERGING["gpus"],
     params:
+        data=data_args(ROBUST_TASKS),
         zoo=zoo_json(),
         severity=analysis_cfg("robustness")["severity"],
         variant=analysis_cfg("robustness")["variant"],
@@ -218,7 +221,7 @@ rule analysis_robustness_run:
     shell:
         "adamerge analysis-robustness --zoo {params.zoo:q} --pretrained {input.pretrained} "
         "--task-vectors {input.store} --finetuned {input.finetuned} --heads {input.heads} "
-        "--data {input.data} --corruption {wildcards.corruption} --severity {params.severity} "
+        "--data {params.data} --corruption {wildcards.corruption} --severity {params.severity} "
         "--variant {params.variant} --adamerging {params.adamerging:q} --lambdas {params.lambdas:q} "
         "--ties {params.ties:q} --max-images {params.max_images} --batch-size {params.batch} "
         "--out {output} --threads {threads} > {log} 2>&1"
@@ -277,6 +280,7 @@ rule analysis_unseen_run:
         runtime=120,
         gpu=lambda wc: 0 if wc.approach == "baselines" else ADAMERGING["gpus"],
     params:
+        data=data_args(UNSEEN_ALL),
         zoo=zoo_json(),
         seen=SEEN_TASKS,
         unseen=UNSEEN_TASKS,
@@ -290,7 +294,7 @@ rule analysis_unseen_run:
     shell:
         "adamerge analysis-unseen --zoo {params.zoo:q} --variant {wildcards.approach} "
         "--pretrained {input.pretrained} --task-vectors {input.store} --finetuned {input.finetuned} "
-        "--heads {input.heads} --data {input.data} --tasks {params.tasks} --seen {params.seen} "
+        "--heads {input.heads} --data {params.data} --tasks {params.tasks} --seen {params.seen} "
         "--unseen {params.unseen} --adamerging {params.adamerging:q} --lambdas {params.lambdas:q} "
         "--ties {params.ties:q} --max-images {params.max_images} --batch-size {params.batch} "
         "--out {output} --threads {threads} > {log} 2>&1"
@@ -323,68 +327,73 @@ rule analysis_unseen:
         "--out {output.table} --figure {output.figure} > {log} 2>&1"
 
 
-rule lora_finetune:
-    input:
-        pretrained=f"{MODELS}/pretrained.safetensors",
-        head=f"{MODELS}/heads/{{task}}.safetensors",
-        data=f"{DATA}/{{task}}.npz",
-    output:
-        f"{MODELS}/lora/{{task}}.safetensors",
-    log:
-        f"{LOGS}/lora_finetune/{{task}}.log",
-    benchmark:
-        f"{BENCH}/lora_finetune/{{task}}.tsv"
-    priority: 20
-    conda:
-        ENV
-    threads: THREADS
-    resources:
-        mem_mb=4000,
-        runtime=60,
-    params:
-        zoo=zoo_json("synthetic.finetune"),
-        settings=json.dumps(analysis_cfg("pem")["lora"], sort_keys=True),
-        code=code_version("lora-finetune"),
-    shell:
-        "adamerge lora-finetune --zoo {params.zoo:q} --task {wildcards.task} "
-        "--pretrained {input.pretrained} --head {input.head} --data {input.data} "
-        "--settings {params.settings:q} --out {output} --threads {threads} > {log} 2>&1"
+# LoRA modules (the PEM composition analysis) are fine-tuned on the synthetic zoo only.
+if SYNTHETIC:
 
+    rule lora_finetune:
+        input:
+            pretrained=f"{MODELS}/pretrained.safetensors",
+            head=f"{MODELS}/heads/{{task}}.safetensors",
+            data=f"{DATA}/{{task}}.npz",
+        output:
+            f"{MODELS}/lora/{{task}}.safetensors",
+        log:
+            f"{LOGS}/lora_finetune/{{task}}.log",
+        benchmark:
+            f"{BENCH}/lora_finetune/{{task}}.tsv"
+        priority: 20
+        conda:
+            ENV
+        threads: THREADS
+        resources:
+            mem_mb=4000,
+            runtime=60,
+        params:
+            zoo=zoo_json("synthetic.finetune"),
+            settings=json.dumps(analysis_cfg("pem")["lora"], sort_keys=True),
+            code=code_version("lora-finetune"),
+        shell:
+            "adamerge lora-finetune --zoo {params.zoo:q} --task {wildcards.task} "
+            "--pretrained {input.pretrained} --head {input.head} --data {input.data} "
+            "--settings {params.settings:q} --out {output} --threads {threads} > {log} 2>&1"
 
-rule analysis_pem:
-    input:
-        pretrained=f"{MODELS}/pretrained.safetensors",
-        finetuned=finetuned(TASKS),
-        lora=expand(f"{MODELS}/lora/{{t}}.safetensors", t=TASKS),
-        heads=heads(TASKS),
-        data=task_data(TASKS),
-    output:
-        table=f"{AN}/pem.parquet",
-        figure=report(f"{AN}/pem.png", category="Analysis", caption="../report/pem.rst"),
-    log:
-        f"{LOGS}/analysis/pem.log",
-    benchmark:
-        f"{BENCH}/analysis/pem.tsv"
-    priority: 20
-    conda:
-        ENV
-    threads: THREADS
-    resources:
-        mem_mb=8000,
-        runtime=120,
-    params:
-        zoo=zoo_json(),
-        tasks=TASKS,
-        grid=json.dumps(config["merging"]["lambda_grid"], sort_keys=True),
-        negation=config["merging"]["task_negation"]["lam"],
-        adamerging=adamerging_settings("pem"),
-        max_images=analysis_max_images("pem"),
-        batch=config["evaluation"]["batch_size"],
-        code=code_version("analysis-pem"),
-    shell:
-        "adamerge analysis-pem --zoo {params.zoo:q} --pretrained {input.pretrained} "
-        "--tasks {params.tasks} --finetuned {input.finetuned} --lora {input.lora} "
-        "--heads {input.heads} --data {input.data} --grid {params.grid:q} "
-        "--negation-lam {params.negation} --adamerging {params.adamerging:q} "
-        "--max-images {params.max_images} --batch-size {params.batch} "
-        "--out {output.table} --figure {output.figure} --threads {threads} > {log} 2>&1"
+    rule analysis_pem:
+        input:
+            pretrained=f"{MODELS}/pretrained.safetensors",
+            finetuned=finetuned(TASKS),
+            lora=expand(f"{MODELS}/lora/{{t}}.safetensors", t=TASKS),
+            heads=heads(TASKS),
+            data=task_data(TASKS, "test", "val"),
+        output:
+            table=f"{AN}/pem.parquet",
+            figure=report(
+                f"{AN}/pem.png", category="Analysis", caption="../report/pem.rst"
+            ),
+        log:
+            f"{LOGS}/analysis/pem.log",
+        benchmark:
+            f"{BENCH}/analysis/pem.tsv"
+        priority: 20
+        conda:
+            ENV
+        threads: THREADS
+        resources:
+            mem_mb=8000,
+            runtime=120,
+        params:
+            data=data_args(TASKS),
+            zoo=zoo_json(),
+            tasks=TASKS,
+            grid=json.dumps(config["merging"]["lambda_grid"], sort_keys=True),
+            negation=config["merging"]["task_negation"]["lam"],
+            adamerging=adamerging_settings("pem"),
+            max_images=analysis_max_images("pem"),
+            batch=config["evaluation"]["batch_size"],
+            code=code_version("analysis-pem"),
+        shell:
+            "adamerge analysis-pem --zoo {params.zoo:q} --pretrained {input.pretrained} "
+            "--tasks {params.tasks} --finetuned {input.finetuned} --lora {input.lora} "
+            "--heads {input.heads} --data {params.data} --grid {params.grid:q} "
+            "--negation-lam {params.negation} --adamerging {params.adamerging:q} "
+            "--max-images {params.max_images} --batch-size {params.batch} "
+            "--out {output.table} --figure {output.figure} --threads {threads} > {log} 2>&1"

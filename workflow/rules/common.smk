@@ -2,6 +2,7 @@ import functools
 import json
 import shlex
 import sys
+from pathlib import Path
 
 from snakemake.utils import validate
 
@@ -18,7 +19,13 @@ from pipeline.merging.contract import Need
 ZOO_CFG = config["zoo"]
 ZOO = ZOO_CFG["name"]
 SOURCE = ZOO_CFG["source"]
-TASKS = list(ZOO_CFG["tasks"])
+SYNTHETIC = SOURCE == "synthetic"
+if "tasks" in ZOO_CFG:
+    TASKS = list(ZOO_CFG["tasks"])
+else:
+    from pipeline.data import suites
+
+    TASKS = [t.name for t in suites.suite(ZOO_CFG["suite"])]
 HELDOUT = list(ZOO_CFG["heldout_tasks"])
 ALL_TASKS = TASKS + HELDOUT
 THREADS = config["threads"]
@@ -30,7 +37,6 @@ BENCH = f"{RESULTS}/benchmarks"
 STORE = f"{RESULTS}/task_vectors.zarr"
 
 # Method lists, all from the registry (pipeline/merging/registry.py).
-SYNTHETIC = SOURCE == "synthetic"
 STORE_MERGES = registry.names(
     registry.STORE, searched=False
 )  # one streamed pass over the store
@@ -91,9 +97,8 @@ def zoo_json(*sections):
         "arch",
         "seed",
         "trust_pickles",
-        "pretrained",
-        "checkpoints",
         "data_root",
+        "datasets",
     ]
     out = {k: ZOO_CFG[k] for k in keep if k in ZOO_CFG}
     for section in sections:
@@ -107,6 +112,105 @@ def zoo_json(*sections):
     return json.dumps(out, sort_keys=True)
 
 
+# Real zoos: where the pretrained CLIP, the fine-tuned encoders and the images come from.
+DOWNLOADS = f"{MODELS}/downloads"
+PRETRAINED = ZOO_CFG.get("pretrained")  # absent for synthetic zoos
+CHECKPOINTS = ZOO_CFG.get("checkpoints")
+HUB_DATA = "datasets" in ZOO_CFG
+
+
+def hub_name(task):
+    """The name FusionBench gives ``task`` in its Hub repos (pipeline/data/suites.py)."""
+    from pipeline.data import suites
+
+    return suites.task(task).hub_name
+
+
+def revision(spec, task=None):
+    """The pinned revision of a Hub spec (``revisions[task]``, else ``revision``, else main)."""
+    return spec.get("revisions", {}).get(task, spec.get("revision", "main"))
+
+
+def is_path(source):
+    """A pretrained source given as a local path (else an open_clip tag)."""
+    return "/" in source or Path(source).exists()
+
+
+def local_files(path):
+    """A local checkpoint as rule inputs: the file, or every file of a folder (a Hugging Face
+    save_pretrained directory), so that a replaced checkpoint reruns its import."""
+    folder = Path(path)
+    if folder.is_dir():
+        return sorted(str(f) for f in folder.iterdir() if f.is_file())
+    return [path]
+
+
+def checkpoint_path(task):
+    """The local fine-tuned checkpoint of ``task`` (None when it comes from the Hub)."""
+    if isinstance(CHECKPOINTS, str):
+        return fill(CHECKPOINTS, task)
+    if "paths" in CHECKPOINTS:
+        if task not in CHECKPOINTS["paths"]:
+            raise ValueError(
+                f"config: zoo.checkpoints.paths has no entry for task {task!r}; add its path "
+                f"(tasks with paths: {sorted(CHECKPOINTS['paths'])})"
+            )
+        return CHECKPOINTS["paths"][task]
+    return None
+
+
+def fill(pattern, task):
+    """``pattern`` with ``{task}`` (and ``{hub_name}``) filled in for ``task``."""
+    return pattern.format(task=task, hub_name=hub_name(task) if "{hub_name}" in pattern else "")
+
+
+def pretrained_source():
+    """Inputs of the pretrained import: its manifest, its local files, or none (a tag)."""
+    if isinstance(PRETRAINED, dict):
+        return [f"{DOWNLOADS}/pretrained.json"]
+    return local_files(PRETRAINED) if is_path(PRETRAINED) else []
+
+
+def pretrained_args():
+    if isinstance(PRETRAINED, dict):
+        return f"--manifest {DOWNLOADS}/pretrained.json"
+    return f"--source {shlex.quote(PRETRAINED)}"
+
+
+def finetuned_source(task):
+    """Inputs of a fine-tuned import: its manifest or its local files."""
+    path = checkpoint_path(task)
+    return [f"{DOWNLOADS}/finetuned/{task}.json"] if path is None else local_files(path)
+
+
+def finetuned_args(task):
+    path = checkpoint_path(task)
+    if path is None:
+        return f"--manifest {DOWNLOADS}/finetuned/{task}.json"
+    return f"--checkpoint {shlex.quote(path)}"
+
+
+def dataset_source(task):
+    """Inputs of a task's image decoding: the Hub dataset's manifest, or none (data_root)."""
+    return [f"{DATA}/downloads/{task}.json"] if HUB_DATA else []
+
+
+def dataset_args(task):
+    return f"--manifest {DATA}/downloads/{task}.json" if HUB_DATA else ""
+
+
+def dataset_repo(task):
+    from pipeline.data import suites
+
+    return suites.task(task).dataset
+
+
+# Training images decoded per task: what Fisher merging and RegMean read.
+TRAIN_EXAMPLES = max(
+    config["merging"][m]["examples"] for m in ("fisher_merging", "regmean")
+)
+
+
 def finetuned(tasks):
     return [f"{MODELS}/finetuned/{t}.safetensors" for t in tasks]
 
@@ -115,8 +219,22 @@ def heads(tasks):
     return [f"{MODELS}/heads/{t}.safetensors" for t in tasks]
 
 
-def task_data(tasks):
-    return [f"{DATA}/{t}.npz" for t in tasks] if SOURCE == "synthetic" else []
+def task_data(tasks, *splits):
+    """Input files of the tasks' images: the synthetic task files, or for real zoos the
+    decoded image caches of ``splits`` (default: test), one rule job per task and split.
+    """
+    if SYNTHETIC:
+        return [f"{DATA}/{t}.npz" for t in tasks]
+    return [image_cache(t, s) for t in tasks for s in splits or ("test",)]
+
+
+def data_args(tasks):
+    """``--data`` of the commands: the synthetic task files, or each task's cache folder."""
+    return [f"{DATA}/{t}.npz" if SYNTHETIC else f"{DATA}/{t}" for t in tasks]
+
+
+def image_cache(task, split):
+    return f"{DATA}/{task}/{split}"
 
 
 def task_vectors(tasks):

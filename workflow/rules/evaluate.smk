@@ -19,6 +19,7 @@ rule evaluate_zeroshot:
         mem_mb=4000,
         runtime=30,
     params:
+        data=data_args(ALL_TASKS),
         zoo=zoo_json(),
         tasks=ALL_TASKS,
         batch=config["evaluation"]["batch_size"],
@@ -26,7 +27,7 @@ rule evaluate_zeroshot:
     shell:
         "adamerge evaluate --zoo {params.zoo:q} --model zeroshot --method zeroshot "
         "--pretrained {input.pretrained} --tasks {params.tasks} --heads {input.heads} "
-        "--data {input.data} --batch-size {params.batch} --out {output} --threads {threads} > {log} 2>&1"
+        "--data {params.data} --batch-size {params.batch} --out {output} --threads {threads} > {log} 2>&1"
 
 
 rule evaluate_individual:
@@ -48,13 +49,14 @@ rule evaluate_individual:
         mem_mb=4000,
         runtime=30,
     params:
+        data=lambda wc: data_args([wc.task]),
         zoo=zoo_json(),
         batch=config["evaluation"]["batch_size"],
         code=code_version("evaluate"),
     shell:
         "adamerge evaluate --zoo {params.zoo:q} --model individual --method individual "
         "--pretrained {input.pretrained} --encoder {input.encoder} --tasks {wildcards.task} "
-        "--heads {input.head} --data {input.data} --batch-size {params.batch} --out {output} "
+        "--heads {input.head} --data {params.data} --batch-size {params.batch} --out {output} "
         "--threads {threads} > {log} 2>&1"
 
 
@@ -77,6 +79,7 @@ rule evaluate_merged:
         mem_mb=4000,
         runtime=30,
     params:
+        data=data_args(TASKS),
         zoo=zoo_json(),
         tasks=TASKS,
         batch=config["evaluation"]["batch_size"],
@@ -84,7 +87,7 @@ rule evaluate_merged:
     shell:
         "adamerge evaluate --zoo {params.zoo:q} --model {wildcards.method} "
         "--method {wildcards.method} --pretrained {input.pretrained} --encoder {input.encoder} "
-        "--tasks {params.tasks} --heads {input.heads} --data {input.data} --batch-size {params.batch} "
+        "--tasks {params.tasks} --heads {input.heads} --data {params.data} --batch-size {params.batch} "
         "--out {output} --threads {threads} > {log} 2>&1"
 
 
@@ -107,6 +110,7 @@ rule evaluate_negation:
         mem_mb=4000,
         runtime=30,
     params:
+        data=data_args(TASKS),
         zoo=zoo_json(),
         tasks=TASKS,
         batch=config["evaluation"]["batch_size"],
@@ -114,5 +118,5 @@ rule evaluate_negation:
     shell:
         "adamerge evaluate --zoo {params.zoo:q} --model task_negation_{wildcards.task} "
         "--method task_negation --pretrained {input.pretrained} --encoder {input.encoder} "
-        "--tasks {params.tasks} --heads {input.heads} --data {input.data} --batch-size {params.batch} "
+        "--tasks {params.tasks} --heads {input.heads} --data {params.data} --batch-size {params.batch} "
         "--out {output} --threads {threads} > {log} 2>&1"

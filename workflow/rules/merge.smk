@@ -40,7 +40,7 @@ rule lambda_search:
         pretrained=f"{MODELS}/pretrained.safetensors",
         store=task_vectors(TASKS),
         heads=heads(TASKS),
-        data=task_data(TASKS),
+        data=task_data(TASKS, "val"),
     output:
         model=f"{RESULTS}/merges/{{method}}/model.safetensors",
         settings=f"{RESULTS}/merges/{{method}}/model.json",
@@ -58,6 +58,7 @@ rule lambda_search:
         mem_mb=4000,
         runtime=60,
     params:
+        data=data_args(TASKS),
         zoo=zoo_json(),
         settings=lambda wc: merge_settings(wc.method),
         grid=json.dumps(config["merging"]["lambda_grid"], sort_keys=True),
@@ -67,7 +68,7 @@ rule lambda_search:
     shell:
         "adamerge lambda-search --zoo {params.zoo:q} --method {wildcards.method} "
         "--pretrained {input.pretrained:q} --task-vectors {input.store:q} "
-        "--heads {input.heads:q} --data {input.data:q} --settings {params.settings:q} "
+        "--heads {input.heads:q} --data {params.data:q} --settings {params.settings:q} "
         "--grid {params.grid:q} --batch-size {params.batch} --budget-mib {params.budget} "
         "--search-out {output.search:q} --out {output.model:q} --threads {threads} > {log:q} 2>&1"
 
@@ -106,7 +107,7 @@ rule merge_with_data:
         pretrained=f"{MODELS}/pretrained.safetensors",
         finetuned=lambda wc: [] if wc.method in TRAINED else finetuned(TASKS),
         heads=heads(TASKS),
-        data=task_data(TASKS),
+        data=task_data(TASKS, "train"),
     output:
         model=f"{RESULTS}/merges/{{method}}/model.safetensors",
         settings=f"{RESULTS}/merges/{{method}}/model.json",
@@ -124,6 +125,7 @@ rule merge_with_data:
         mem_mb=6000,
         runtime=60,
     params:
+        data=data_args(TASKS),
         zoo=zoo_json(),
         tasks=TASKS,
         settings=lambda wc: (
@@ -135,5 +137,5 @@ rule merge_with_data:
     shell:
         "adamerge merge --zoo {params.zoo:q} --method {wildcards.method} "
         "--pretrained {input.pretrained:q} --finetuned {input.finetuned:q} --tasks {params.tasks:q} "
-        "--heads {input.heads:q} --data {input.data:q} --settings {params.settings:q} "
+        "--heads {input.heads:q} --data {params.data:q} --settings {params.settings:q} "
         "--out {output.model:q} --threads {threads} > {log:q} 2>&1"

@@ -72,8 +72,56 @@ if SOURCE == "synthetic":
             "--out {output} --threads {threads} > {log} 2>&1"
 
 else:
+    # Downloads run where Snakemake runs (`localrules`: cluster nodes often have no network)
+    # into the Hugging Face cache; their outputs are manifests (snapshot folder, commit,
+    # file checksums) that the imports read.
+    localrules:
+        download_pretrained,
+        download_finetuned,
+        download_dataset,
+
+    rule download_pretrained:
+        output:
+            f"{DOWNLOADS}/pretrained.json",
+        log:
+            f"{LOGS}/download/pretrained.log",
+        params:
+            repo=lambda wc: PRETRAINED["repo"],
+            revision=lambda wc: revision(PRETRAINED),
+            code=code_version("download-model"),
+        shell:
+            "adamerge download-model --repo {params.repo:q} --revision {params.revision:q} "
+            "--out {output:q} > {log} 2>&1"
+
+    rule download_finetuned:
+        output:
+            f"{DOWNLOADS}/finetuned/{{task}}.json",
+        log:
+            f"{LOGS}/download/finetuned_{{task}}.log",
+        params:
+            repo=lambda wc: fill(CHECKPOINTS["repo"], wc.task),
+            revision=lambda wc: revision(CHECKPOINTS, wc.task),
+            code=code_version("download-model"),
+        shell:
+            "adamerge download-model --repo {params.repo:q} --revision {params.revision:q} "
+            "--out {output:q} > {log} 2>&1"
+
+    rule download_dataset:
+        output:
+            f"{DATA}/downloads/{{task}}.json",
+        log:
+            f"{LOGS}/download/dataset_{{task}}.log",
+        params:
+            repo=lambda wc: dataset_repo(wc.task),
+            revision=lambda wc: revision(ZOO_CFG["datasets"], wc.task),
+            code=code_version("download-dataset"),
+        shell:
+            "adamerge download-dataset --repo {params.repo:q} --revision {params.revision:q} "
+            "--out {output:q} > {log} 2>&1"
 
     rule import_pretrained:
+        input:
+            pretrained_source(),
         output:
             f"{MODELS}/pretrained.safetensors",
         log:
@@ -88,13 +136,16 @@ else:
             runtime=30,
         params:
             zoo=zoo_json(),
+            source=pretrained_args(),
             code=code_version("import-pretrained"),
         shell:
-            "adamerge import-pretrained --zoo {params.zoo:q} --out {output} > {log} 2>&1"
+            "adamerge import-pretrained --zoo {params.zoo:q} {params.source} --out {output:q} "
+            "> {log} 2>&1"
 
     rule import_finetuned:
         input:
             pretrained=f"{MODELS}/pretrained.safetensors",
+            checkpoint=lambda wc: finetuned_source(wc.task),
         output:
             f"{MODELS}/finetuned/{{task}}.safetensors",
         log:
@@ -109,10 +160,38 @@ else:
             runtime=30,
         params:
             zoo=zoo_json(),
+            source=lambda wc: finetuned_args(wc.task),
             code=code_version("import-finetuned"),
         shell:
             "adamerge import-finetuned --zoo {params.zoo:q} --task {wildcards.task} "
-            "--pretrained {input.pretrained} --out {output} > {log} 2>&1"
+            "--pretrained {input.pretrained:q} {params.source} --out {output:q} > {log} 2>&1"
+
+    rule decode_images:
+        input:
+            lambda wc: dataset_source(wc.task),
+        output:
+            directory(image_cache("{task}", "{split}")),
+        log:
+            f"{LOGS}/decode_images/{{task}}_{{split}}.log",
+        benchmark:
+            f"{BENCH}/decode_images/{{task}}_{{split}}.tsv"
+        wildcard_constraints:
+            split="train|val|test",
+        conda:
+            ENV
+        threads: ZOO_CFG["images"]["workers"]
+        resources:
+            mem_mb=4000,
+            runtime=120,
+        params:
+            zoo=zoo_json(),
+            source=lambda wc: dataset_args(wc.task),
+            max_images=lambda wc: TRAIN_EXAMPLES if wc.split == "train" else 0,
+            code=code_version("decode-images"),
+        shell:
+            "adamerge decode-images --zoo {params.zoo:q} --task {wildcards.task} "
+            "--split {wildcards.split} {params.source} --max-images {params.max_images} "
+            "--out {output:q} --threads {threads} > {log} 2>&1"
 
 
 rule zero_shot_head:

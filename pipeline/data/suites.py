@@ -1071,7 +1071,8 @@ _TASKS = (
             "a centered satellite photo of the {}.",
         ),
     ),
-    # FusionBench's configs say `svhn`, the Hub's former id of ufldl-stanford/svhn.
+    # FusionBench's configs say `svhn`, the Hub's former id of ufldl-stanford/svhn. Unverified:
+    # the class names and template (task_vectors') against FusionBench's svhn.py, not stored.
     TaskSpec(
         "SVHN", "svhn", "ufldl-stanford/svhn", "cropped_digits", "train", None, "test", "image", "label",
         _DIGITS, _NUMBER,
@@ -1099,8 +1100,8 @@ _TASKS = (
             for thing in ("texture", "pattern", "thing", "object")
         ),
     ),
-    # The validation split name is not in a FusionBench file we could read (its
-    # val/oxford_flowers102.yaml is not stored); public code loads it as "validation".
+    # Unverified: the train and validation split names are in no FusionBench file we could read
+    # (train/ and val/oxford_flowers102.yaml are not stored); public code loads "validation".
     TaskSpec(
         "Flowers102", "oxford_flowers102", "dpdl-benchmark/oxford_flowers102", None,
         "train", "validation", "test", "image", "label",
@@ -1130,6 +1131,7 @@ _TASKS = (
         "image", "label",
         _OXFORD_PETS, ("a photo of a {}, a type of pet.",),
     ),
+    # Unverified: the train split name (FusionBench's train/stl10.yaml is not stored).
     TaskSpec(
         "STL10", "stl10", "tanganke/stl10", None, "train", None, "test", "image", "label",
         ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"),

@@ -17,7 +17,8 @@ Sources (tanganke/fusion_bench unless said otherwise):
 - class names and templates: fusion_bench/tasks/clip_classification/<task>.py, verbatim: they
   are the strings FusionBench built its zero-shot heads from when it fine-tuned the published
   checkpoints (fusion_bench/tasks/clip_classification/clip_mixin.py). For EuroSAT, GTSRB,
-  RESISC45, DTD, MNIST and SVHN they equal the task_vectors lists.
+  RESISC45, DTD and MNIST they equal the task_vectors lists; SVHN's are task_vectors' (its
+  FusionBench file is not stored).
 
 ``val_split`` is None where no validation split on the Hub is known; FusionBench itself carves
 its validation sets from train (10%, seed 0: config/dataset/image_classification/val/*.yaml).

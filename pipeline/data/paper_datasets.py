@@ -1,5 +1,6 @@
-"""The AdaMerging paper's 8 datasets with the class names and prompt templates of the
-task_vectors code, read through torchvision or from local image folders.
+"""The AdaMerging paper's 8 datasets (suite TA8) read through torchvision or from local image
+folders, with the class names and prompt templates of pipeline.data.suites (the task_vectors
+ones for these tasks).
 
 Sources, tried in this order under ``root``:
 
@@ -27,137 +28,15 @@ import torch
 import torchvision.datasets as tvd
 from torch.utils.data import Dataset, random_split
 
-PAPER_DATASETS = ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
+from pipeline.data.suites import SUITES, task
+
+PAPER_DATASETS = SUITES["TA8"]
 SPLITS = ("train", "val", "test")
 VAL_FRACTION, MAX_VAL, SPLIT_SEED = 0.1, 5000, 0
 
-_DIGITS = [str(i) for i in range(10)]
-
-# Class names of the task_vectors code; SUN397 and Cars take theirs from the data.
-_CLASS_NAMES: dict[str, list[str]] = {
-    "MNIST": _DIGITS,
-    "SVHN": _DIGITS,
-    "EuroSAT": [
-        "annual crop land",
-        "forest",
-        "brushland or shrubland",
-        "highway or road",
-        "industrial buildings or commercial buildings",
-        "pasture land",
-        "permanent crop land",
-        "residential buildings or homes or apartments",
-        "river",
-        "lake or sea",
-    ],
-    "GTSRB": [
-        "red and white circle 20 kph speed limit",
-        "red and white circle 30 kph speed limit",
-        "red and white circle 50 kph speed limit",
-        "red and white circle 60 kph speed limit",
-        "red and white circle 70 kph speed limit",
-        "red and white circle 80 kph speed limit",
-        "end / de-restriction of 80 kph speed limit",
-        "red and white circle 100 kph speed limit",
-        "red and white circle 120 kph speed limit",
-        "red and white circle red car and black car no passing",
-        "red and white circle red truck and black car no passing",
-        "red and white triangle road intersection warning",
-        "white and yellow diamond priority road",
-        "red and white upside down triangle yield right-of-way",
-        "stop",
-        "empty red and white circle",
-        "red and white circle no truck entry",
-        "red circle with white horizonal stripe no entry",
-        "red and white triangle with exclamation mark warning",
-        "red and white triangle with black left curve approaching warning",
-        "red and white triangle with black right curve approaching warning",
-        "red and white triangle with black double curve approaching warning",
-        "red and white triangle rough / bumpy road warning",
-        "red and white triangle car skidding / slipping warning",
-        "red and white triangle with merging / narrow lanes warning",
-        "red and white triangle with person digging / construction / road work warning",
-        "red and white triangle with traffic light approaching warning",
-        "red and white triangle with person walking warning",
-        "red and white triangle with child and person walking warning",
-        "red and white triangle with bicyle warning",
-        "red and white triangle with snowflake / ice warning",
-        "red and white triangle with deer warning",
-        "white circle with gray strike bar no speed limit",
-        "blue circle with white right turn arrow mandatory",
-        "blue circle with white left turn arrow mandatory",
-        "blue circle with white forward arrow mandatory",
-        "blue circle with white forward or right turn arrow mandatory",
-        "blue circle with white forward or left turn arrow mandatory",
-        "blue circle with white keep right arrow mandatory",
-        "blue circle with white keep left arrow mandatory",
-        "blue circle with white arrows indicating a traffic circle",
-        "white circle with gray strike bar indicating no passing for cars has ended",
-        "white circle with gray strike bar indicating no passing for trucks has ended",
-    ],
-    "RESISC45": [
-        c.replace("_", " ")
-        for c in (
-            "airplane airport baseball_diamond basketball_court beach bridge chaparral church "
-            "circular_farmland cloud commercial_area dense_residential desert forest freeway "
-            "golf_course ground_track_field harbor industrial_area intersection island lake "
-            "meadow medium_residential mobile_home_park mountain overpass palace parking_lot "
-            "railway railway_station rectangular_farmland river roundabout runway sea_ice ship "
-            "snowberg sparse_residential stadium storage_tank tennis_court terrace "
-            "thermal_power_station wetland"
-        ).split()
-    ],
-    "DTD": (
-        "banded blotchy braided bubbly bumpy chequered cobwebbed cracked crosshatched "
-        "crystalline dotted fibrous flecked freckled frilly gauzy grid grooved honeycombed "
-        "interlaced knitted lacelike lined marbled matted meshed paisley perforated pitted "
-        "pleated polka-dotted porous potholed scaly smeared spiralled sprinkled stained "
-        "stratified striped studded swirly veined waffled woven wrinkled zigzagged"
-    ).split(),
-}
-
-_NUMBER = ('a photo of the number: "{}".',)
-_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "SUN397": ("a photo of a {}.", "a photo of the {}."),
-    "Cars": (
-        "a photo of a {}.",
-        "a photo of the {}.",
-        "a photo of my {}.",
-        "i love my {}!",
-        "a photo of my dirty {}.",
-        "a photo of my clean {}.",
-        "a photo of my new {}.",
-        "a photo of my old {}.",
-    ),
-    "RESISC45": tuple(
-        f"{kind} {noun} of {article}{{}}."
-        for article in ("", "a ", "the ")
-        for kind, noun in (
-            ("satellite", "imagery"),
-            ("aerial", "imagery"),
-            ("satellite", "photo"),
-            ("aerial", "photo"),
-            ("satellite", "view"),
-            ("aerial", "view"),
-        )
-    ),
-    "EuroSAT": (
-        "a centered satellite photo of {}.",
-        "a centered satellite photo of a {}.",
-        "a centered satellite photo of the {}.",
-    ),
-    "SVHN": _NUMBER,
-    "GTSRB": (
-        'a zoomed in photo of a "{}" traffic sign.',
-        'a centered photo of a "{}" traffic sign.',
-        'a close up photo of a "{}" traffic sign.',
-    ),
-    "MNIST": _NUMBER,
-    "DTD": tuple(
-        f"a photo of {article} {{}} {thing}."
-        for article in ("a", "the")
-        for thing in ("texture", "pattern", "thing", "object")
-    ),
-}
+# Their label order depends on the source (torchvision's files, class folders), so their names
+# come from the data; suites holds the Hub's order.
+_NAMES_FROM_DATA = ("SUN397", "Cars")
 
 
 @dataclass(frozen=True)
@@ -239,17 +118,17 @@ class PaperSplit(Dataset):
 
 
 def templates(name: str) -> list[str]:
-    """The task_vectors prompt templates of dataset ``name`` (``str.format`` with the class)."""
+    """The prompt templates of dataset ``name`` (``str.format`` with the class)."""
     _check_name(name)
-    return list(_TEMPLATES[name])
+    return list(task(name).templates)
 
 
 def classnames(name: str, root: str | Path | None = None) -> list[str]:
     """Clean class names of dataset ``name`` in label order. SUN397 and Cars read theirs from
     the data under ``root`` (their label order depends on the source)."""
     _check_name(name)
-    if name in _CLASS_NAMES:
-        return list(_CLASS_NAMES[name])
+    if name not in _NAMES_FROM_DATA:
+        return list(task(name).classnames)
     if root is None:
         raise ValueError(f"{name}'s class names come from its data: pass the data root")
     return load_paper_dataset(name, root, "test", None).classnames
@@ -334,10 +213,10 @@ def _select(
 
 def _image_folder(name: str, path: Path) -> tvd.ImageFolder:
     data = tvd.ImageFolder(str(path))
-    expected = _CLASS_NAMES.get(name)
-    if expected is not None and len(data.classes) != len(expected):
+    expected = len(task(name).classnames)
+    if name not in _NAMES_FROM_DATA and len(data.classes) != expected:
         raise ValueError(
-            f"{path} has {len(data.classes)} class folders but {name} has {len(expected)} "
+            f"{path} has {len(data.classes)} class folders but {name} has {expected} "
             "classes; every class needs its own folder"
         )
     return data
@@ -346,8 +225,8 @@ def _image_folder(name: str, path: Path) -> tvd.ImageFolder:
 def _names_of(name: str, base: Any) -> list[str]:
     """Clean class names in the label order of ``base``, cleaned as the task_vectors code
     does: SUN397 ``/a/abbey`` or ``a_abbey`` -> ``abbey``, underscores to spaces."""
-    if name in _CLASS_NAMES:
-        return list(_CLASS_NAMES[name])
+    if name not in _NAMES_FROM_DATA:
+        return list(task(name).classnames)
     names = list(base.classes)
     if name == "SUN397":
         names = [re.sub(r"^/?([a-z])[/_](?=\1)", "", c).replace("/", " ") for c in names]

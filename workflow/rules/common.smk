@@ -20,12 +20,11 @@ ZOO_CFG = config["zoo"]
 ZOO = ZOO_CFG["name"]
 SOURCE = ZOO_CFG["source"]
 SYNTHETIC = SOURCE == "synthetic"
-if "tasks" in ZOO_CFG:
-    TASKS = list(ZOO_CFG["tasks"])
-else:
+if "tasks" not in ZOO_CFG:  # the suite's tasks
     from pipeline.data import suites
 
-    TASKS = [t.name for t in suites.suite(ZOO_CFG["suite"])]
+    ZOO_CFG["tasks"] = [t.name for t in suites.suite(ZOO_CFG["suite"])]
+TASKS = list(ZOO_CFG["tasks"])
 HELDOUT = list(ZOO_CFG["heldout_tasks"])
 ALL_TASKS = TASKS + HELDOUT
 THREADS = config["threads"]

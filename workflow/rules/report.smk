@@ -30,7 +30,7 @@ rule report:
         runtime=10,
     params:
         zoo=zoo_json("tasks", "heldout_tasks"),
-        config=json.dumps(config, sort_keys=True),
+        config=lambda wc: json.dumps(config, sort_keys=True),  # a function: its {task} is no wildcard
         benchmark_dir=BENCH,
         analysis=[f"{k}={v}" for k, v in analysis_files().items()],
         code=code_version("report"),

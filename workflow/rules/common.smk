@@ -160,7 +160,9 @@ def checkpoint_path(task):
 
 def fill(pattern, task):
     """``pattern`` with ``{task}`` (and ``{hub_name}``) filled in for ``task``."""
-    return pattern.format(task=task, hub_name=hub_name(task) if "{hub_name}" in pattern else "")
+    return pattern.format(
+        task=task, hub_name=hub_name(task) if "{hub_name}" in pattern else ""
+    )
 
 
 def pretrained_source():
@@ -202,6 +204,23 @@ def dataset_repo(task):
     from pipeline.data import suites
 
     return suites.task(task).dataset
+
+
+def dataset_patterns(task):
+    """``--allow-patterns`` of a task's dataset download: the parquet files of its splits in
+    its config (the Hub's layouts, pipeline/hub.py), not the repo's other configs or splits.
+    """
+    from pipeline.data import suites
+
+    spec = suites.task(task)
+    where = f"{spec.config}/" if spec.config else "*"
+    splits = [s for s in (spec.train_split, spec.val_split, spec.test_split) if s]
+    patterns = [
+        f"{where}{p}"
+        for s in splits
+        for p in (f"{s}-*.parquet", f"{s}.parquet", f"{s}/*.parquet")
+    ]
+    return " ".join(shlex.quote(p) for p in patterns)
 
 
 # Training images decoded per task: what Fisher merging and RegMean read.

@@ -72,6 +72,7 @@ if SOURCE == "synthetic":
             "--out {output} --threads {threads} > {log} 2>&1"
 
 else:
+
     # Downloads run where Snakemake runs (`localrules`: cluster nodes often have no network)
     # into the Hugging Face cache; their outputs are manifests (snapshot folder, commit,
     # file checksums) that the imports read.
@@ -114,10 +115,11 @@ else:
         params:
             repo=lambda wc: dataset_repo(wc.task),
             revision=lambda wc: revision(ZOO_CFG["datasets"], wc.task),
+            patterns=lambda wc: dataset_patterns(wc.task),
             code=code_version("download-dataset"),
         shell:
             "adamerge download-dataset --repo {params.repo:q} --revision {params.revision:q} "
-            "--out {output:q} > {log} 2>&1"
+            "--allow-patterns {params.patterns} --out {output:q} > {log} 2>&1"
 
     rule import_pretrained:
         input:

@@ -33,9 +33,10 @@ def pretrained_clip(seed: int = 0) -> transformers.CLIPModel:
 
 
 def write_model_repos(root: Path, tasks: list[str], seed: int = 0) -> dict[str, Path]:
-    """repo id -> folder of the pretrained CLIPModel and of each task's CLIPVisionModel."""
+    """repo id -> folder (under ``root/models``, the stand-in Hub's layout) of the pretrained
+    CLIPModel and of each task's CLIPVisionModel."""
     clip = pretrained_clip(seed)
-    repos = {PRETRAINED_REPO: root / PRETRAINED_REPO}
+    repos = {PRETRAINED_REPO: root / "models" / PRETRAINED_REPO}
     clip.save_pretrained(repos[PRETRAINED_REPO])
     for i, task in enumerate(tasks):
         vision = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).eval()
@@ -45,7 +46,7 @@ def write_model_repos(root: Path, tasks: list[str], seed: int = 0) -> dict[str, 
             for p in vision.parameters():
                 p.add_(0.02 * torch.randn(p.shape, generator=generator))
         repo = FINETUNED_REPO.format(hub_name=suites.task(task).hub_name)
-        repos[repo] = root / repo
+        repos[repo] = root / "models" / repo
         vision.save_pretrained(repos[repo])
     return repos
 
@@ -57,19 +58,20 @@ def png(rng: np.random.Generator, size: int) -> bytes:
 
 
 def write_dataset_repos(root: Path, tasks: list[str], sizes: dict[str, int], seed: int = 0) -> dict[str, Path]:
-    """repo id -> folder of each task's dataset, ``data/<split>-00000-of-00001.parquet`` with
-    the task's image and label columns (image cells: {bytes, path} structs)."""
+    """repo id -> folder (under ``root/datasets``) of each task's dataset,
+    ``<config or data>/<split>-00000-of-00001.parquet`` with the task's image and label
+    columns (image cells: {bytes, path} structs)."""
     repos = {}
     for i, task in enumerate(tasks):
         spec = suites.task(task)
         rng = np.random.default_rng(seed + i)
-        folder = root / spec.dataset
+        folder = root / "datasets" / spec.dataset
         for split, n in sizes.items():
             hub_split = {"train": spec.train_split, "test": spec.test_split}[split]
             labels = rng.integers(0, len(spec.classnames), n)
             images = [{"bytes": png(rng, 40), "path": f"{j}.png"} for j in range(n)]
             table = pa.table({spec.image_column: images, spec.label_column: pa.array(labels, pa.int64())})
-            target = folder / "data" / f"{hub_split}-00000-of-00001.parquet"
+            target = folder / (spec.config or "data") / f"{hub_split}-00000-of-00001.parquet"
             target.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(table, target)
         repos[spec.dataset] = folder

@@ -10,17 +10,20 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 
 
-def snakemake_command(*args: str, cwd: Path, repo: Path = REPO) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment that run the workflow of ``repo`` (default: this
-    project) in ``cwd``."""
+def snakemake_command(*args: str, cwd: Path, repo: Path = REPO,
+                      env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment (``env`` added) that run the workflow of ``repo``
+    (default: this project) in ``cwd``."""
     exe = Path(sys.executable).parent / "snakemake"
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(env or {}))
     return [str(exe), "-s", str(repo / "Snakefile"), "-d", str(cwd), *args], env
 
 
-def snakemake(*args: str, cwd: Path, check: bool = True, repo: Path = REPO) -> subprocess.CompletedProcess:
-    """Run the workflow of ``repo`` (default: this project) with the venv's snakemake in ``cwd``."""
-    cmd, env = snakemake_command(*args, cwd=cwd, repo=repo)
+def snakemake(*args: str, cwd: Path, check: bool = True, repo: Path = REPO,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the workflow of ``repo`` (default: this project) with the venv's snakemake in ``cwd``
+    (``env``: extra environment variables)."""
+    cmd, env = snakemake_command(*args, cwd=cwd, repo=repo, env=env)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

@@ -1,3 +1,6 @@
+import logging
+
+import open_clip
 import pytest
 import torch
 from PIL import Image
@@ -55,3 +58,20 @@ def test_non_finite_weights_refused(saved, tmp_path):
     save_state_dict(bad, tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match=r"bad\.safetensors: tensor 'logit_scale' contains NaN"):
         load_pretrained_clip(SYNTHETIC_ARCH, str(tmp_path / "bad.safetensors"))
+
+
+def test_create_model_drops_only_the_random_init_warning(caplog, monkeypatch):
+    with caplog.at_level(logging.INFO):
+        create_model(SYNTHETIC_ARCH)
+    assert caplog.records and not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+
+    def warns(*args, **kwargs):
+        logging.warning("No pretrained weights loaded for model 'x'. Model initialized randomly.")
+        logging.warning("something else")
+
+    monkeypatch.setattr(open_clip, "create_model", warns)
+    caplog.clear()
+    create_model(SYNTHETIC_ARCH)
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+    logging.warning("No pretrained weights loaded for model 'y'")  # only inside create_model
+    assert len(caplog.records) == 2

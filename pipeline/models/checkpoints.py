@@ -332,7 +332,7 @@ def _image_encoder_keys(
     if len(prefixes) > 1 or len(hf_prefixes) > 1:
         raise ValueError(
             f"{path} holds several image encoders (key prefixes "
-            f"{sorted(prefixes or hf_prefixes)}); pass prefix_hint to choose one"
+            f"{sorted(prefixes | hf_prefixes)}); pass prefix_hint to choose one"
         )
     if prefixes:
         (prefix,) = prefixes

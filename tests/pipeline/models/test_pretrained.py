@@ -152,7 +152,8 @@ def test_local_files_are_recognised_by_content(saved, tmp_path):
 def test_local_file_of_another_model_is_refused_naming_it(hf_dir, tmp_path):
     hf, _ = hf_dir
     save_state_dict(hf.state_dict(), tmp_path / "hf.safetensors")
-    with pytest.raises(ValueError, match=r"hf\.safetensors is not an open_clip .* Hugging Face CLIP keys.*save_pretrained directory"):
+    hint = r"hf\.safetensors is not an open_clip .* Hugging Face CLIP keys.*save_pretrained directory"
+    with pytest.raises(ValueError, match=hint):
         load_pretrained_clip(SYNTHETIC_ARCH, str(tmp_path / "hf.safetensors"))
 
 

@@ -3,14 +3,17 @@ tensor with :class:`SafetensorsWriter`), content hashes, and loading fine-tuned 
 encoders from the formats the community publishes into open_clip image-encoder state dicts
 (the keys of ``open_clip.create_model(arch).visual.state_dict()``).
 
-Accepted by :func:`load_state_dict`:
+Accepted by :func:`load_state_dict`, files recognised by their content, whatever their suffix:
 
-- ``.safetensors`` files and ``.pt``/``.pth``/``.bin`` files readable with
+- safetensors files and ``torch.save`` files (zip or legacy pickle) readable with
   ``torch.load(weights_only=True)``, holding an open_clip image-encoder state dict, possibly
   behind a prefix (``visual.``, ``model.visual.``, ``image_encoder.model.visual.``, ...;
   other keys are dropped) or inside ``{"state_dict": ...}``;
-- Hugging Face CLIP vision checkpoints: a ``save_pretrained`` directory or a state dict with
-  ``vision_model.`` keys (mapped by :mod:`pipeline.models.hf_clip`);
+- Hugging Face CLIP vision checkpoints: a ``save_pretrained`` directory or a state dict of
+  a ``CLIPModel``, ``CLIPVisionModelWithProjection`` or ``CLIPVisionModel``, in the key
+  layout of transformers 4 or 5 (mapped by :mod:`pipeline.models.hf_clip`). A
+  ``CLIPVisionModel`` (FusionBench's encoders) has no projection: the pretrained image
+  encoder's ``proj`` is taken in its place;
 - the task_vectors / AdaMerging release (whole pickled ``ImageEncoder`` objects), only with
   ``trust_pickles=True``: unpickling runs code from the file.
 """
@@ -34,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.io import atomic_path
-from pipeline.models.hf_clip import HF_PATCH_KEY, hf_vision_to_open_clip
+from pipeline.models.hf_clip import HF_PATCH_KEY, HF_VISION_PREFIX, hf_vision_to_open_clip
 
 StateDict = dict[str, torch.Tensor]
 
@@ -176,34 +179,68 @@ def check_compatible(
 
 
 def load_state_dict(
-    path: str | Path, *, trust_pickles: bool = False, prefix_hint: str | None = None
+    path: str | Path,
+    *,
+    trust_pickles: bool = False,
+    prefix_hint: str | None = None,
+    pretrained_visual: Mapping[str, torch.Tensor] | None = None,
 ) -> StateDict:
     """The open_clip image-encoder state dict stored at ``path`` (see the module docstring
     for the formats). ``prefix_hint`` is the key prefix in front of the encoder's keys
-    (e.g. ``"image_encoder.model.visual."``) for files where it cannot be detected."""
+    (e.g. ``"image_encoder.model.visual."``) for files where it cannot be detected.
+    ``pretrained_visual`` is the pretrained open_clip image encoder's state dict, whose
+    ``proj`` stands in for the projection a Hugging Face ``CLIPVisionModel`` lacks."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     hf_config = None
     if path.is_dir():
-        raw, hf_config = _read_hf_dir(path, trust_pickles)
-    elif path.suffix == ".safetensors":
-        raw = load_file(str(path))
+        raw, hf_config = read_hf_dir(path, trust_pickles)
     else:
-        raw = _state_dict_of(_torch_load(path, trust_pickles), path)
+        raw = read_state_dict_file(path, trust_pickles)
     if prefix_hint:
         raw = {k[len(prefix_hint) :]: v for k, v in raw.items() if k.startswith(prefix_hint)}
         if not raw:
             raise ValueError(f"no key of {path} starts with prefix_hint {prefix_hint!r}")
-    sd = _image_encoder_keys(raw, hf_config, path)
+    projection = None if pretrained_visual is None else pretrained_visual.get("proj")
+    sd = _image_encoder_keys(raw, hf_config, path, projection)
     sd = {k: v.detach().cpu() for k, v in sd.items()}
     check_finite(sd, str(path))
     return sd
 
 
+def read_state_dict_file(path: str | Path, trust_pickles: bool = False) -> StateDict:
+    """The tensors of a safetensors or ``torch.save`` file, told apart by their first bytes
+    (not the suffix); a pickled module gives its state dict, ``{"state_dict": ...}`` the
+    inner one."""
+    path = Path(path)
+    if _file_format(path) == "safetensors":
+        return load_file(str(path))
+    return _state_dict_of(_torch_load(path, trust_pickles), path)
+
+
+def _file_format(path: Path) -> str:
+    """``"safetensors"`` (an 8-byte little-endian header length, then the JSON header) or
+    ``"torch"`` (a zip archive, or a pickle for the legacy format)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= path.stat().st_size:
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return "torch"
+    raise ValueError(
+        f"{path} is neither a safetensors file nor a torch.save file (zip archive or pickle); "
+        f"its first bytes are {head!r}. Give a checkpoint written by safetensors or "
+        "torch.save, or a Hugging Face save_pretrained directory"
+    )
+
+
 def _torch_load(path: Path, trust_pickles: bool) -> object:
+    """``torch.load`` of ``path`` given as an open file: given a name, torch reads a
+    ``.safetensors`` suffix as safetensors, whatever the content."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not trust_pickles:
             raise ValueError(
@@ -212,7 +249,8 @@ def _torch_load(path: Path, trust_pickles: bool) -> object:
                 "trust its source, set `trust_pickles: true` in the zoo config "
                 "(load_state_dict(..., trust_pickles=True))"
             ) from err
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
+    with open(path, "rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
 
 
 class _LenientUnpickler(pickle.Unpickler):
@@ -255,9 +293,10 @@ def _state_dict_of(obj: object, path: Path) -> StateDict:
     )
 
 
-def _read_hf_dir(path: Path, trust_pickles: bool) -> tuple[StateDict, dict | None]:
-    """Weights and config.json of a Hugging Face ``save_pretrained`` directory (single file
-    or sharded with an index)."""
+def read_hf_dir(path: str | Path, trust_pickles: bool = False) -> tuple[StateDict, dict | None]:
+    """Weights and config.json (None when absent) of a Hugging Face ``save_pretrained``
+    directory (single file or sharded with an index)."""
+    path = Path(path)
     config_path = path / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else None
     for name in _HF_WEIGHT_FILES:
@@ -270,10 +309,7 @@ def _read_hf_dir(path: Path, trust_pickles: bool) -> tuple[StateDict, dict | Non
         if all((path / f).exists() for f in files):
             sd: StateDict = {}
             for f in files:
-                if f.endswith(".safetensors"):
-                    sd.update(load_file(str(path / f)))
-                else:
-                    sd.update(_state_dict_of(_torch_load(path / f, trust_pickles), path / f))
+                sd.update(read_state_dict_file(path / f, trust_pickles))
             return sd, config
     raise FileNotFoundError(
         f"{path} is a directory but holds no Hugging Face weights: expected one of "
@@ -281,28 +317,38 @@ def _read_hf_dir(path: Path, trust_pickles: bool) -> tuple[StateDict, dict | Non
     )
 
 
-def _image_encoder_keys(raw: Mapping[str, torch.Tensor], hf_config: dict | None, path: Path) -> StateDict:
+def _image_encoder_keys(
+    raw: Mapping[str, torch.Tensor], hf_config: dict | None, path: Path, projection: torch.Tensor | None
+) -> StateDict:
     """Strip the prefix in front of the open_clip image-encoder keys (dropping all others), or
-    map Hugging Face CLIP vision keys to open_clip's."""
+    map Hugging Face CLIP vision keys to open_clip's (``projection`` standing in for a missing
+    one)."""
     prefixes = {
         k[: -len("conv1.weight")]
         for k in raw
         if k.endswith("conv1.weight") and k[: -len("conv1.weight")] + "class_embedding" in raw
     }
-    if len(prefixes) > 1:
+    hf_prefixes = {k[: -len(HF_PATCH_KEY)] for k in raw if k.endswith(HF_PATCH_KEY)}
+    if len(prefixes) > 1 or len(hf_prefixes) > 1:
         raise ValueError(
-            f"{path} holds several image encoders (key prefixes {sorted(prefixes)}); pass "
-            "prefix_hint to choose one"
+            f"{path} holds several image encoders (key prefixes "
+            f"{sorted(prefixes | hf_prefixes)}); pass prefix_hint to choose one"
         )
     if prefixes:
         (prefix,) = prefixes
         return {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
-    hf_keys = [k for k in raw if k.endswith(HF_PATCH_KEY)]
-    if len(hf_keys) == 1:
-        prefix = hf_keys[0][: -len(HF_PATCH_KEY)]
-        return hf_vision_to_open_clip(
-            {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}, hf_config
-        )
+    if hf_prefixes:
+        # "<outer>vision_model." (projection beside it, under <outer>) or a bare tower
+        (prefix,) = hf_prefixes
+        outer = prefix.removesuffix(HF_VISION_PREFIX)
+        try:
+            return hf_vision_to_open_clip(
+                {k[len(outer) :]: v for k, v in raw.items() if k.startswith(outer)},
+                hf_config,
+                projection=projection,
+            )
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
     raise ValueError(
         f"{path} holds no open_clip ViT image encoder (no '<prefix>conv1.weight' next to "
         f"'<prefix>class_embedding') and no Hugging Face CLIP vision model ('{HF_PATCH_KEY}'); "

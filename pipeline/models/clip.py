@@ -3,6 +3,7 @@ zero-shot classification heads and the image classifier used everywhere downstre
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,14 +54,31 @@ class WordTokenizer:
         return out
 
 
+class _NoRandomInitWarning(logging.Filter):
+    """Drops open_clip's warning that a model built without weights is initialised randomly."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+_NO_RANDOM_INIT_WARNING = _NoRandomInitWarning()
+
+
 def create_model(arch: str, seed: int | None = None) -> open_clip.model.CLIP:
-    """A randomly initialised open_clip CLIP of architecture ``arch``."""
+    """A randomly initialised open_clip CLIP of architecture ``arch``. Callers load weights
+    next or want random ones, so open_clip's warning that no pretrained weights were loaded
+    (on the root logger) is dropped; other records pass."""
     import open_clip
 
     register_configs()
     if seed is not None:
         torch.manual_seed(seed)
-    return open_clip.create_model(arch, pretrained=None)
+    root = logging.getLogger()
+    root.addFilter(_NO_RANDOM_INIT_WARNING)
+    try:
+        return open_clip.create_model(arch, pretrained=None)
+    finally:
+        root.removeFilter(_NO_RANDOM_INIT_WARNING)
 
 
 @torch.no_grad()

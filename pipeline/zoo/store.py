@@ -1,6 +1,7 @@
 """On-disk layout of a zoo (the same for synthetic and real ones) and its loaders.
 
     resources/models/{zoo}/pretrained.safetensors      full CLIP state dict
+    resources/models/{zoo}/model_config.json           its open_clip model config (real zoos)
     resources/models/{zoo}/tokenizer.json              word vocabulary (synthetic zoos only)
     resources/models/{zoo}/heads/{task}.safetensors    {"weight": (classes, dim)} zero-shot head
     resources/models/{zoo}/finetuned/{task}.safetensors image-encoder state dict
@@ -16,15 +17,32 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file
 
+from pipeline.io import write_json
 from pipeline.models.checkpoints import save_state_dict
 from pipeline.models.clip import WordTokenizer, create_model
+from pipeline.models.pretrained import register_model_config
 
 if TYPE_CHECKING:
     import open_clip
 
 
+MODEL_CONFIG = "model_config.json"
+
+
+def save_model_config(arch: str, pretrained_path: str | Path) -> None:
+    """Write open_clip's model config of ``arch`` beside the pretrained weights, so that
+    :func:`load_clip` rebuilds the architecture in jobs where open_clip does not know it."""
+    import open_clip
+
+    write_json(open_clip.get_model_config(arch), Path(pretrained_path).parent / MODEL_CONFIG)
+
+
 def load_clip(zoo: dict, path: str | Path) -> open_clip.model.CLIP:
-    """The zoo's pretrained CLIP from its saved full state dict."""
+    """The zoo's pretrained CLIP from its saved full state dict, its architecture registered
+    from the model config beside it when there is one."""
+    config = Path(path).parent / MODEL_CONFIG
+    if config.exists():
+        register_model_config(zoo["arch"], json.loads(config.read_text()), str(config))
     model = create_model(zoo["arch"])
     model.load_state_dict(load_file(str(path)))
     return model.eval()

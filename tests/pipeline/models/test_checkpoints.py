@@ -88,6 +88,20 @@ def test_load_safetensors_and_weights_only_pt(tmp_path, visual):
     assert_same(load_state_dict(tmp_path / "enc.pt"), visual)
 
 
+def test_files_are_recognised_by_content_not_suffix(tmp_path, visual):
+    save_state_dict(visual, tmp_path / "safetensors_file")
+    torch.save(visual, tmp_path / "zip_file.safetensors")  # a misleading suffix
+    torch.save(visual, tmp_path / "legacy_file", _use_new_zipfile_serialization=False)
+    for name in ("safetensors_file", "zip_file.safetensors", "legacy_file"):
+        assert_same(load_state_dict(tmp_path / name), visual)
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"notes\.pt is neither a safetensors file nor a torch\.save file"):
+        load_state_dict(tmp_path / "notes.pt")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.safetensors is neither"):
+        load_state_dict(tmp_path / "empty.safetensors")
+
+
 @pytest.mark.parametrize(
     "wrap",
     [

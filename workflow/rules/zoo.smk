@@ -125,7 +125,8 @@ else:
         input:
             pretrained_source(),
         output:
-            f"{MODELS}/pretrained.safetensors",
+            model=f"{MODELS}/pretrained.safetensors",
+            config=f"{MODELS}/model_config.json",
         log:
             f"{LOGS}/import_pretrained.log",
         benchmark:
@@ -141,7 +142,7 @@ else:
             source=pretrained_args(),
             code=code_version("import-pretrained"),
         shell:
-            "adamerge import-pretrained --zoo {params.zoo:q} {params.source} --out {output:q} "
+            "adamerge import-pretrained --zoo {params.zoo:q} {params.source} --out {output.model:q} "
             "> {log} 2>&1"
 
     rule import_finetuned:

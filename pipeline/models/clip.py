@@ -26,6 +26,17 @@ def register_configs() -> None:
         open_clip.add_model_config(_CONFIG_DIR)
 
 
+def input_size(arch: str) -> int:
+    """The image size (pixels a side) that architecture ``arch``'s image encoder takes."""
+    import open_clip
+
+    register_configs()
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise ValueError(f"unknown open_clip architecture {arch!r}")
+    return config["vision_cfg"]["image_size"]
+
+
 class WordTokenizer:
     """Word-level tokenizer for the synthetic captions, shaped like open_clip's tokenizers.
 

@@ -1,6 +1,9 @@
 """Image caches: a split decoded once (open_clip's eval resize and crop) into uint8 arrays on
 disk, read back memory-mapped, so that evaluating or sampling a split neither decodes its
-images again nor holds them all in memory.
+images again nor holds them all in memory. The mapped pages are dropped from the process
+after every chunk written and every batch read (``madvise(MADV_DONTNEED)``; the kernel's page
+cache keeps them): the resident set stays flat in the split's size, also as Slurm's
+accounting counts it (mapped file pages included).
 
 A cache is one folder (written under a temporary name and renamed when complete):
 
@@ -16,6 +19,7 @@ travels with the pixels it belongs to.
 from __future__ import annotations
 
 import json
+import mmap
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +36,21 @@ IMAGES, LABELS, INDICES, META = "images.npy", "labels.npy", "indices.npy", "meta
 _CHUNK = 1024  # images handed to the thread pool at a time: bounds the pending futures
 
 Index = int | slice | Sequence[int] | np.ndarray | torch.Tensor
+
+
+def _mapped(path: Path, writable: bool = False) -> tuple[mmap.mmap, np.ndarray]:
+    """The array of the .npy file ``path`` over a mapping of our own (so that :func:`_release`
+    can drop its pages); ``np.load`` checks the header and the file's length first."""
+    header = np.load(path, mmap_mode="r")
+    with open(path, "r+b" if writable else "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+    return mapping, np.frombuffer(mapping, header.dtype, header.size, header.offset).reshape(header.shape)
+
+
+def _release(mapping: mmap.mmap) -> None:
+    """Drop the mapping's pages from the resident set (written ones stay dirty in the page cache)."""
+    if hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def eval_preprocessing(image_size: int):
@@ -62,8 +81,9 @@ def decode_split(dataset: Dataset, image_size: int, out: str | Path, threads: in
         indices = np.arange(n_source)
     geometry, normalize = eval_preprocessing(image_size)
     with atomic_path(out, directory=True) as tmp:
-        images = np.lib.format.open_memmap(tmp / IMAGES, mode="w+", dtype=np.uint8,
-                                           shape=(len(indices), 3, image_size, image_size))
+        np.lib.format.open_memmap(tmp / IMAGES, mode="w+", dtype=np.uint8,
+                                  shape=(len(indices), 3, image_size, image_size))  # header and length
+        mapping, images = _mapped(tmp / IMAGES, writable=True)
         labels = np.empty(len(indices), np.int64)
 
         def decode(row: int) -> None:
@@ -76,8 +96,8 @@ def decode_split(dataset: Dataset, image_size: int, out: str | Path, threads: in
             for start in range(0, len(indices), _CHUNK):
                 for _ in pool.map(decode, range(start, min(start + _CHUNK, len(indices)))):
                     bar.update()
-        images.flush()
-        del images
+                _release(mapping)
+        mapping.flush()
         np.save(tmp / LABELS, labels)
         np.save(tmp / INDICES, indices)
         (tmp / META).write_text(json.dumps({
@@ -90,7 +110,8 @@ class DecodedImages(Dataset):
     """A cache folder written by :func:`decode_split`, memory-mapped read-only: items are
     (normalised float32 (3, S, S) image, label), exactly what open_clip's eval transform gives
     for the source image; a slice or 1-D index array/tensor gives a (B, 3, S, S) batch and its
-    labels, read from those rows only."""
+    labels, read from those rows only. ``images`` is the raw uint8 array, ``indices`` the
+    source dataset's index of each row."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -101,7 +122,7 @@ class DecodedImages(Dataset):
                 "`python -m pipeline decode-images` (the workflow's image rule)"
             )
         try:
-            self.images = np.load(self.path / IMAGES, mmap_mode="r")
+            self._mapping, self.images = _mapped(self.path / IMAGES)
             self._labels = torch.from_numpy(np.load(self.path / LABELS))
             self.indices = np.load(self.path / INDICES)
         except ValueError as err:  # a file shorter than its header says
@@ -129,6 +150,7 @@ class DecodedImages(Dataset):
         if torch.is_tensor(index):
             index = index.numpy()
         rows = np.require(self.images[index], requirements="W")  # fancy indexing copies, a slice is a view
+        _release(self._mapping)
         return normalise(torch.from_numpy(rows), self.mean, self.std)
 
     def __getitem__(self, index: Index) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, torch.Tensor]:

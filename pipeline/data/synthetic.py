@@ -295,8 +295,7 @@ def normalise(images: torch.Tensor, mean: float | torch.Tensor = MEAN,
               std: float | torch.Tensor = STD) -> torch.Tensor:
     """uint8 NCHW images -> float32 ``(x / 255 - mean) / std``, the operations of
     torchvision's ToTensor and Normalize (``mean``, ``std``: scalars or (3, 1, 1) tensors)."""
-    x = images.float().div_(255.0)
-    return (x - mean) / std
+    return images.float().div_(255.0).sub_(mean).div_(std)  # in place: one new buffer
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -101,6 +101,24 @@ def test_batched_indexing_equals_per_item_indexing(cache):
     assert isinstance(unlabeled(cache, rows), UnlabeledImages)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/self/status")
+def test_reading_the_whole_cache_leaves_the_resident_set_flat(tmp_path):
+    def rss_file_kib():
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+    images = [Image.new("RGB", (64, 64), (i % 256, i // 256, 7)) for i in range(1500)]  # 18 MB cached
+    decode_split(Items(images), 64, tmp_path / "c", threads=2)
+    cache = DecodedImages(tmp_path / "c")
+    before = rss_file_kib()
+    for s in range(0, len(cache), 100):
+        cache[s : s + 100]
+    view = UnlabeledImages(cache)
+    for _ in range(20):
+        view[torch.randperm(len(cache))[:100]]
+    assert rss_file_kib() - before < 4096  # KiB; without dropping the pages: ~18000
+
+
 def test_max_images_keeps_a_reproducible_seeded_subset(tmp_path, cache):
     items = Items(pil_images())
     for name, seed in [("a", 1), ("b", 1), ("c", 2)]:

@@ -1,5 +1,5 @@
 """Image caches: decoded once with open_clip's eval preprocessing, read back memory-mapped
-item by item, in batches and as AdaMerging's unlabeled images."""
+item by item, in batches and as AdaMerging's unlabeled images, with a flat resident set."""
 
 import os
 import signal
@@ -12,45 +12,12 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from helpers.images import SHAPES, Items, pil_images
 from PIL import Image
-from torch.utils.data import Dataset, TensorDataset
 
 from pipeline.data.image_cache import IMAGES, LABELS, DecodedImages, UnlabeledImages, decode_split
-from pipeline.data.tasks import load_split, unlabeled
-from pipeline.evaluation import accuracy, batches
-from pipeline.merging import adamerging as am
-from pipeline.models.clip import create_model
 
 REPO = Path(__file__).resolve().parents[3]
-# (width, height, mode): wide, tall, square, tiny, odd sizes; the modes PaperSplit converts
-SHAPES = [(300, 200, "RGB"), (200, 300, "L"), (640, 480, "RGBA"), (31, 57, "P"), (224, 224, "RGB"),
-          (225, 224, "L"), (64, 64, "RGB"), (500, 333, "P")]
-
-
-def pil_images(shapes=SHAPES, seed=0):
-    """Random images of the given sizes and modes (smooth enough that resizing matters)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for w, h, mode in shapes:
-        coarse = rng.integers(0, 256, (max(h // 8, 2), max(w // 8, 2), 4), dtype=np.uint8)
-        image = Image.fromarray(coarse, "RGBA").resize((w, h), Image.BILINEAR)
-        out.append(image if mode == "RGBA" else image.convert(mode))
-    return out
-
-
-class Items(Dataset):
-    """(PIL image, label) items, as load_paper_dataset gives without a transform."""
-
-    def __init__(self, images, fail_at=None):
-        self.images, self.fail_at = images, fail_at
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        if i == self.fail_at:
-            raise OSError(f"image {i} is unreadable")
-        return self.images[i], i % 3
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +65,6 @@ def test_batched_indexing_equals_per_item_indexing(cache):
     view = UnlabeledImages(cache, rows)
     assert len(view) == 3 and torch.equal(view[torch.tensor([2, 0])], cache[torch.tensor([4, 6])][0])
     assert len(UnlabeledImages(cache)) == len(cache)
-    assert isinstance(unlabeled(cache, rows), UnlabeledImages)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/self/status")
@@ -179,44 +145,3 @@ decode_split(Slow(), 32, {str(tmp_path / 'test')!r}, threads=1)
     finally:
         proc.wait()
     assert not (tmp_path / "test").exists()
-
-
-def test_evaluation_over_the_cache_equals_evaluation_over_its_tensors(tmp_path):
-    decode_split(Items(pil_images(SHAPES * 3)), 32, tmp_path / "c", threads=2)
-    cache = DecodedImages(tmp_path / "c")
-    tensors = TensorDataset(*cache[:])
-    for (x, y), (xt, yt) in zip(batches(cache, 7), batches(tensors, 7), strict=True):
-        assert torch.equal(x, xt) and torch.equal(y, yt)
-    assert [len(y) for _, y in batches(cache, 7)] == [7, 7, 7, 3]
-    encoder = create_model("synth-vit-tiny", seed=0).visual
-    head = torch.nn.functional.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
-    a, b = accuracy(encoder, head, cache, 5), accuracy(encoder, head, tensors, 5)
-    assert (a["accuracy"], a["n"]) == (b["accuracy"], b["n"]) and a["n"] == len(cache)
-
-
-def test_adamerging_on_the_cache_equals_adamerging_on_its_tensors(tmp_path):
-    decode_split(Items(pil_images(SHAPES * 4)), 32, tmp_path / "c", threads=2)
-    cache = DecodedImages(tmp_path / "c")
-    encoder = create_model("synth-vit-tiny", seed=0).visual
-    pre = encoder.state_dict()
-    g = torch.Generator().manual_seed(0)
-    finetuned = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(2)]
-    heads = [20 * torch.nn.functional.normalize(torch.randn(3, 64, generator=g), dim=-1) for _ in range(2)]
-    rows = [torch.randperm(len(cache), generator=g)[:20] for _ in range(2)]
-    settings = am.Settings(steps=3, batch_size=4)
-    views = [UnlabeledImages(cache, r) for r in rows]
-    tensors = [cache[:][0][r] for r in rows]
-    a = am.adamerge("layer_wise", encoder, finetuned, heads, views, settings, device="cpu", progress=False)
-    b = am.adamerge("layer_wise", encoder, finetuned, heads, tensors, settings, device="cpu", progress=False)
-    assert a.entropy == b.entropy and torch.equal(a.lambdas, b.lambdas)
-
-
-def test_load_split_reads_a_real_tasks_split_from_its_cache(tmp_path):
-    decode_split(Items(pil_images()), 32, tmp_path / "EuroSAT" / "val", threads=1)
-    zoo = {"source": "open_clip", "arch": "synth-vit-tiny", "data_root": str(tmp_path / "raw")}
-    split = load_split(zoo, "EuroSAT", "val", tmp_path / "EuroSAT")
-    assert isinstance(split, DecodedImages) and len(split) == len(SHAPES)
-    with pytest.raises(FileNotFoundError, match="EuroSAT/test"):
-        load_split(zoo, "EuroSAT", "test", tmp_path / "EuroSAT")
-    with pytest.raises(ValueError, match="32px images but ViT-B-32 takes 224px"):
-        load_split({**zoo, "arch": "ViT-B-32"}, "EuroSAT", "val", tmp_path / "EuroSAT")

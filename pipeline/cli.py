@@ -36,6 +36,7 @@ COMMANDS = {
     "import-pretrained": "zoo",
     "import-finetuned": "zoo",
     "head": "zoo",
+    "decode-images": "images",
     "task-vector": "task_vectors",
     "merge": "merge",
     "lambda-search": "lambda_search",

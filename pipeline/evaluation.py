@@ -6,10 +6,23 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm import tqdm
 
+from pipeline.data.image_cache import DecodedImages
 from pipeline.models.clip import logits
+
+SLICEABLE = (TensorDataset, DecodedImages)  # datasets indexed by a slice give a whole batch
+
+
+def batches(dataset: Dataset, batch_size: int) -> DataLoader:
+    """The dataset's (images, labels) batches in order: one slice per batch where the dataset
+    supports it (an image cache reads a contiguous block), else item by item and collated."""
+    if isinstance(dataset, SLICEABLE):
+        n = len(dataset)
+        return DataLoader(dataset, batch_size=None, sampler=[slice(s, min(s + batch_size, n))
+                                                             for s in range(0, n, batch_size)])
+    return DataLoader(dataset, batch_size=batch_size)
 
 
 @torch.no_grad()
@@ -19,7 +32,7 @@ def accuracy(encoder: nn.Module, head: torch.Tensor, dataset: Dataset, batch_siz
     encoder.eval()
     start = time.perf_counter()
     correct = total = 0
-    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc=desc, leave=False, mininterval=2):
+    for x, y in tqdm(batches(dataset, batch_size), desc=desc, leave=False, mininterval=2):
         correct += (logits(encoder(x), head).argmax(1) == y).sum().item()
         total += len(y)
     return {"accuracy": 100.0 * correct / max(total, 1), "n": total, "seconds": time.perf_counter() - start}

@@ -6,10 +6,9 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch.utils.data import Subset
 
 from pipeline.commands.loading import finetuned_models, heads_of, splits
-from pipeline.data.tasks import as_tensors
+from pipeline.data.tasks import unlabeled
 from pipeline.io import write_parquet
 from pipeline.merging import registry
 from pipeline.merging.adamerging import entropy_table, lambda_table
@@ -33,11 +32,11 @@ def adamerge(zoo: dict, variant: str, pretrained: str, finetuned: list[str], hea
     config = spec.configure(settings)
     images = []
     for task, split in zip(tasks, splits(zoo, tasks, data, "test")):
+        rows = None
         if 0 < max_images < len(split):
-            subset = torch.randperm(len(split), generator=torch.Generator().manual_seed(config.seed))
-            split = Subset(split, subset[:max_images].tolist())
-        images.append(as_tensors(split)[0])
-        log.info("task %s: %d unlabeled test images cached", task, len(images[-1]))
+            rows = torch.randperm(len(split), generator=torch.Generator().manual_seed(config.seed))[:max_images]
+        images.append(unlabeled(split, rows))
+        log.info("task %s: %d unlabeled test images", task, len(images[-1]))
     encoder = load_clip(zoo, pretrained).visual
     inputs = Inputs(encoder.state_dict(), tasks, encoder=encoder, finetuned=list(finetuned_models(finetuned)),
                     heads=heads_of(heads), test=images, device=default_device() if device == "auto" else device)

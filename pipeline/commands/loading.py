@@ -48,7 +48,8 @@ def open_store(zoo: dict, pretrained: str, task_vectors: Sequence[str]):
 
 
 def splits(zoo: dict, tasks: Sequence[str], data: Sequence[str], split: str) -> list:
-    """Each task's ``split`` (``data``: the synthetic task files, empty for real zoos)."""
+    """Each task's ``split`` (``data``: the synthetic task files, or real tasks' image-cache
+    folders; empty: real tasks decoded through torchvision)."""
     return [load_split(zoo, t, split, d) for t, d in zip(tasks, data or [None] * len(tasks), strict=True)]
 
 

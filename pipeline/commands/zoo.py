@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.data.tasks import task_prompts
+from pipeline.merging.contract import default_device
 from pipeline.models.checkpoints import check_compatible, load_state_dict, save_state_dict
 from pipeline.models.clip import zero_shot_weights
 from pipeline.models.pretrained import load_pretrained_clip
@@ -48,4 +49,4 @@ def head(zoo: dict, task: str, pretrained: str, out: str) -> None:
     model = load_clip(zoo, pretrained)
     tokenizer = load_tokenizer(zoo, Path(pretrained).parent)
     classnames, templates = task_prompts(zoo, task)
-    save_head(zero_shot_weights(model, tokenizer, classnames, templates), out)
+    save_head(zero_shot_weights(model, tokenizer, classnames, templates, device=default_device()), out)

@@ -291,7 +291,13 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
+def normalise(images: torch.Tensor, mean: float | torch.Tensor = MEAN,
+              std: float | torch.Tensor = STD) -> torch.Tensor:
+    """uint8 NCHW images -> float32 ``(x / 255 - mean) / std``, the operations of
+    torchvision's ToTensor and Normalize (``mean``, ``std``: scalars or (3, 1, 1) tensors)."""
+    return images.float().div_(255.0).sub_(mean).div_(std)  # in place: one new buffer
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC images -> normalised float32 NCHW tensor."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-    return (x - MEAN) / STD
+    return normalise(torch.from_numpy(images).permute(0, 3, 1, 2))

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from kernels import ties_merge, weighted_sum, weighted_sum_segments
 from pipeline.functional import FlatLayout, functional_forward
-from pipeline.merging.contract import Inputs, MergedState
+from pipeline.merging.contract import Images, Inputs, MergedState
 from pipeline.models.clip import logits
 
 StateDict = dict[str, torch.Tensor]
@@ -171,10 +171,11 @@ def entropy_loss(features: torch.Tensor, heads: Sequence[torch.Tensor],
     return loss
 
 
-def draw_batches(images: Sequence[torch.Tensor], batch_size: int, n_batches: int,
+def draw_batches(images: Sequence[Images], batch_size: int, n_batches: int,
                  generator: torch.Generator) -> tuple[torch.Tensor, list[list[int]]]:
     """Per task the first ``n_batches`` batches of a fresh shuffle of its images (as a shuffled
-    DataLoader would give), concatenated, and the batch sizes per task."""
+    DataLoader would give), concatenated, and the batch sizes per task; only the drawn rows
+    are read (``x[LongTensor]``)."""
     xs, sizes = [], []
     for x in images:
         take = min(len(x), batch_size * n_batches)
@@ -184,7 +185,7 @@ def draw_batches(images: Sequence[torch.Tensor], batch_size: int, n_batches: int
 
 
 def adamerge(variant: str, encoder: nn.Module, finetuned: Sequence[StateDict] | torch.Tensor,
-             heads: Sequence[torch.Tensor], images: Sequence[torch.Tensor], settings: Settings = Settings(),
+             heads: Sequence[torch.Tensor], images: Sequence[Images], settings: Settings = Settings(),
              device: torch.device | str | None = None, progress: bool = True) -> Result:
     """Learn AdaMerging coefficients and return them with the entropy curve and merged weights.
 
@@ -195,7 +196,8 @@ def adamerge(variant: str, encoder: nn.Module, finetuned: Sequence[StateDict] | 
         finetuned: the fine-tuned encoders' state dicts, or their (K, N) task vectors in
             ``FlatLayout.of(encoder.state_dict())`` order.
         heads: per task the (classes, dim) zero-shot head.
-        images: per task the unlabeled (normalised) test images, a preloaded tensor cache.
+        images: per task the unlabeled (normalised) test images: a tensor, or an object that
+            reads the rows it is indexed with (:class:`~pipeline.merging.contract.Images`).
         device: where to compute (default: CUDA when available).
     """
     if variant not in VARIANTS:

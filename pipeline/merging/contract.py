@@ -34,6 +34,16 @@ class Need(enum.Enum):
     TEST_DATA = "unlabeled test images of each task"
 
 
+class Images(Protocol):
+    """One task's unlabeled images as AdaMerging samples them: a float (N, 3, S, S) tensor, or
+    any object (e.g. :class:`~pipeline.data.image_cache.UnlabeledImages`, which reads rows from
+    disk) with ``len()`` and indexing by a 1-D LongTensor -> float (B, 3, S, S) tensor."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass
 class Inputs:
     """Everything a method may use; a method reads only what its ``needs`` name.
@@ -48,7 +58,7 @@ class Inputs:
     finetuned: Sequence[Mapping[str, torch.Tensor]] = ()
     heads: Sequence[torch.Tensor] = ()  # per task the frozen zero-shot head
     train: Sequence[Dataset] = ()  # per task the labelled training split
-    test: Sequence[torch.Tensor] = ()  # per task unlabeled test images
+    test: Sequence[Images] = ()  # per task unlabeled test images
     seed: int = 0
     device: torch.device | str = "cpu"
     budget_mib: float = 1024  # memory for task-vector blocks in flight when streaming

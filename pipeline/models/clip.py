@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 if TYPE_CHECKING:  # open_clip is imported where a model is built: it costs every job 2-3 s
     import open_clip
@@ -25,6 +26,17 @@ def register_configs() -> None:
 
     if SYNTHETIC_ARCH not in open_clip.list_models():
         open_clip.add_model_config(_CONFIG_DIR)
+
+
+def input_size(arch: str) -> int:
+    """The image size (pixels a side) that architecture ``arch``'s image encoder takes."""
+    import open_clip
+
+    register_configs()
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise ValueError(f"unknown open_clip architecture {arch!r}")
+    return config["vision_cfg"]["image_size"]
 
 
 class WordTokenizer:
@@ -87,16 +99,26 @@ def zero_shot_weights(
     tokenizer: Callable[[Sequence[str]], torch.Tensor],
     classnames: Sequence[str],
     templates: Sequence[str],
+    device: torch.device | str | None = None,
+    chunk: int = 512,
 ) -> torch.Tensor:
     """Zero-shot head weights as in the task_vectors code: for each class the normalised mean of
-    the normalised text embeddings of all its prompts, scaled by the model's logit scale."""
+    the normalised text embeddings of all its prompts, scaled by the model's logit scale.
+
+    All classes' prompts are encoded in batches of ``chunk`` on ``device`` (the model is moved
+    there; None: where it is), with a progress bar when that takes over 2 s; the head comes
+    back on the CPU."""
     model.eval()
-    rows = []
-    for name in classnames:
-        emb = model.encode_text(tokenizer([t.format(name) for t in templates]))
-        emb = F.normalize(emb, dim=-1).mean(0)
-        rows.append(F.normalize(emb, dim=-1))
-    return model.logit_scale.exp() * torch.stack(rows)
+    if device is not None:
+        model.to(device)
+    device = model.logit_scale.device
+    prompts = [t.format(name) for name in classnames for t in templates]
+    embeddings = [
+        F.normalize(model.encode_text(tokenizer(prompts[s : s + chunk]).to(device)), dim=-1)
+        for s in tqdm(range(0, len(prompts), chunk), desc="zero-shot head", unit="chunk", delay=2, mininterval=2)
+    ]
+    mean = torch.cat(embeddings).view(len(classnames), len(templates), -1).mean(1)
+    return (model.logit_scale.exp() * F.normalize(mean, dim=-1)).cpu()
 
 
 class ImageClassifier(nn.Module):

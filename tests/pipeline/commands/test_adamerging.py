@@ -53,3 +53,39 @@ def test_cli_writes_model_lambdas_and_entropy(zoo, tmp_path):
     enc = clip.visual
     enc.load_state_dict(merged)
     assert torch.isfinite(logits(enc(torch.randn(2, 3, 32, 32)), heads[0])).all()
+
+
+def test_cli_on_image_caches_equals_adamerging_on_their_tensors(zoo, tmp_path):
+    """A real zoo's tasks read from image caches (rows sampled from disk) learn the same
+    coefficients as the same images held in tensors."""
+    from PIL import Image
+
+    from pipeline.data.image_cache import DecodedImages, decode_split
+    from pipeline.merging import adamerging as am
+
+    _, _, finetuned, heads, _ = zoo
+    clip = create_model("synth-vit-tiny", seed=0)
+    save_state_dict(clip.state_dict(), tmp_path / "pretrained.safetensors")
+    rng = np.random.default_rng(0)
+    args = {"--finetuned": [], "--heads": [], "--data": []}
+    for t in range(2):
+        save_state_dict(finetuned[t], tmp_path / f"ft{t}.safetensors")
+        save_head(heads[t], tmp_path / f"head{t}.safetensors")
+        images = [(Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)), 0) for _ in range(20)]
+        decode_split(images, 32, tmp_path / f"data{t}" / "test", threads=1)
+        args["--finetuned"].append(str(tmp_path / f"ft{t}.safetensors"))
+        args["--heads"].append(str(tmp_path / f"head{t}.safetensors"))
+        args["--data"].append(str(tmp_path / f"data{t}"))
+    zoo_cfg = {"name": "t", "source": "open_clip", "arch": "synth-vit-tiny", "seed": 0}
+    main(["adamerge", "--zoo", json.dumps(zoo_cfg), "--variant", "layer_wise",
+          "--pretrained", str(tmp_path / "pretrained.safetensors"), *[a for k, v in args.items() for a in (k, *v)],
+          "--tasks", "a", "b", "--settings", json.dumps({"steps": 3}), "--max-images", "12", "--device", "cpu",
+          "--out", str(tmp_path / "model.safetensors"), "--lambdas", str(tmp_path / "lambdas.parquet"),
+          "--entropy", str(tmp_path / "entropy.parquet"), "--threads", "1"])
+    rows = torch.randperm(20, generator=torch.Generator().manual_seed(0))[:12]  # the verb's subset (seed 0)
+    tensors = [DecodedImages(tmp_path / f"data{t}" / "test")[:][0][rows] for t in range(2)]
+    ref = am.adamerge("layer_wise", clip.visual, finetuned[:2], heads[:2], tensors, am.Settings(steps=3),
+                      device="cpu", progress=False)
+    assert pd.read_parquet(tmp_path / "entropy.parquet")["entropy"].tolist() == ref.entropy
+    merged = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(merged[k], v) for k, v in ref.state_dict.items())

@@ -146,3 +146,20 @@ def test_task_vectors_as_input_and_bad_inputs(zoo):
     with pytest.raises(ValueError, match=r"adamerging_task_wise: unknown settings \['learning_rate'\]"):
         spec.configure({"learning_rate": 1})
     assert spec.configure({"betas": [0.5, 0.9]}).betas == (0.5, 0.9)
+
+
+def test_images_read_from_a_cache_give_the_same_run_as_tensors(zoo, tmp_path):
+    from helpers.images import SHAPES, Items, pil_images
+
+    from pipeline.data.image_cache import DecodedImages, UnlabeledImages, decode_split
+
+    encoder, _, finetuned, heads, _ = zoo
+    decode_split(Items(pil_images(SHAPES * 4)), 32, tmp_path / "c", threads=2)
+    cache = DecodedImages(tmp_path / "c")
+    rows = [torch.randperm(len(cache), generator=torch.Generator().manual_seed(k))[:20] for k in range(K)]
+    s = am.Settings(steps=3, batch_size=4)
+    a = am.adamerge("layer_wise", encoder, finetuned, heads, [UnlabeledImages(cache, r) for r in rows], s,
+                    device="cpu", progress=False)
+    b = am.adamerge("layer_wise", encoder, finetuned, heads, [cache[:][0][r] for r in rows], s,
+                    device="cpu", progress=False)
+    assert a.entropy == b.entropy and torch.equal(a.lambdas, b.lambdas)

@@ -32,7 +32,6 @@ COMMANDS = {
     "lora-finetune": "synthetic",
     "download-model": "download",
     "download-dataset": "download",
-    "decode-images": "images",
     "import-pretrained": "zoo",
     "import-finetuned": "zoo",
     "head": "zoo",

@@ -38,13 +38,14 @@ def load_split(zoo: dict, task: str, split: str, data_file: str | Path | None = 
             )
         with np.load(path) as npz:
             return TensorDataset(to_tensor(npz[f"x_{split}"]), torch.from_numpy(npz[f"y_{split}"]))
-    image_size = input_size(zoo["arch"])
     if data_file is not None:
         cache = DecodedImages(Path(data_file) / split)
-        if cache.image_size != image_size:
+        image_size = input_size(zoo["arch"], missing_ok=True)  # None: an architecture this job has not registered yet
+        if image_size is not None and cache.image_size != image_size:
             raise ValueError(f"image cache {cache.path} holds {cache.image_size}px images but "
                              f"{zoo['arch']} takes {image_size}px; decode it again")
         return cache
+    image_size = input_size(zoo["arch"])
     import open_clip
 
     from pipeline.data.paper_datasets import load_paper_dataset

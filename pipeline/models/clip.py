@@ -28,14 +28,18 @@ def register_configs() -> None:
         open_clip.add_model_config(_CONFIG_DIR)
 
 
-def input_size(arch: str) -> int:
-    """The image size (pixels a side) that architecture ``arch``'s image encoder takes."""
+def input_size(arch: str, missing_ok: bool = False) -> int | None:
+    """The image size (pixels a side) that architecture ``arch``'s image encoder takes (None
+    for an unknown one with ``missing_ok``)."""
     import open_clip
 
     register_configs()
     config = open_clip.get_model_config(arch)
     if config is None:
-        raise ValueError(f"unknown open_clip architecture {arch!r}")
+        if missing_ok:
+            return None
+        raise ValueError(f"unknown open_clip architecture {arch!r}; the workflow registers the architecture of a "
+                         "Hugging Face CLIPModel from the model_config.json that import-pretrained writes")
     return config["vision_cfg"]["image_size"]
 
 

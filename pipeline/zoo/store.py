@@ -37,12 +37,17 @@ def save_model_config(arch: str, pretrained_path: str | Path) -> None:
     write_json(open_clip.get_model_config(arch), Path(pretrained_path).parent / MODEL_CONFIG)
 
 
+def register_saved_config(arch: str, config: str | Path) -> None:
+    """Register architecture ``arch`` from a model config written by :func:`save_model_config`."""
+    register_model_config(arch, json.loads(Path(config).read_text()), str(config))
+
+
 def load_clip(zoo: dict, path: str | Path) -> open_clip.model.CLIP:
     """The zoo's pretrained CLIP from its saved full state dict, its architecture registered
     from the model config beside it when there is one."""
     config = Path(path).parent / MODEL_CONFIG
     if config.exists():
-        register_model_config(zoo["arch"], json.loads(config.read_text()), str(config))
+        register_saved_config(zoo["arch"], config)
     model = create_model(zoo["arch"])
     model.load_state_dict(load_file(str(path)))
     return model.eval()

@@ -171,7 +171,8 @@ else:
 
     rule decode_images:
         input:
-            lambda wc: dataset_source(wc.task),
+            data=lambda wc: dataset_source(wc.task),
+            model_config=f"{MODELS}/model_config.json",
         output:
             directory(image_cache("{task}", "{split}")),
         log:
@@ -193,8 +194,8 @@ else:
             code=code_version("decode-images"),
         shell:
             "adamerge decode-images --zoo {params.zoo:q} --task {wildcards.task} "
-            "--split {wildcards.split} {params.source} --max-images {params.max_images} "
-            "--out {output:q} --threads {threads} > {log} 2>&1"
+            "--split {wildcards.split} {params.source} --model-config {input.model_config:q} "
+            "--max-images {params.max_images} --out {output:q} --threads {threads} > {log} 2>&1"
 
 
 rule zero_shot_head:

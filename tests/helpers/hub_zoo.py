@@ -40,7 +40,7 @@ def write_model_repos(root: Path, tasks: list[str], seed: int = 0) -> dict[str, 
     clip.save_pretrained(repos[PRETRAINED_REPO])
     for i, task in enumerate(tasks):
         vision = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).eval()
-        vision.vision_model.load_state_dict(clip.vision_model.state_dict())
+        vision.load_state_dict(clip.vision_model.state_dict())  # transformers 5: the tower is the model
         generator = torch.Generator().manual_seed(seed + 1 + i)
         with torch.no_grad():
             for p in vision.parameters():

@@ -28,11 +28,15 @@ def batches(dataset: Dataset, batch_size: int) -> DataLoader:
 @torch.no_grad()
 def accuracy(encoder: nn.Module, head: torch.Tensor, dataset: Dataset, batch_size: int = 512,
              desc: str = "eval") -> dict[str, float]:
-    """Accuracy (%), number of examples and seconds of one encoder on one dataset."""
+    """Accuracy (%), number of examples and seconds of one encoder on one dataset, computed
+    where the encoder's weights are (CPU or GPU)."""
     encoder.eval()
+    device = next(encoder.parameters()).device
+    head = head.to(device)
     start = time.perf_counter()
     correct = total = 0
     for x, y in tqdm(batches(dataset, batch_size), desc=desc, leave=False, mininterval=2):
-        correct += (logits(encoder(x), head).argmax(1) == y).sum().item()
+        predicted = logits(encoder(x.to(device, non_blocking=True)), head).argmax(1)
+        correct += (predicted.cpu() == y).sum().item()
         total += len(y)
     return {"accuracy": 100.0 * correct / max(total, 1), "n": total, "seconds": time.perf_counter() - start}

@@ -9,17 +9,21 @@ import pandas as pd
 from pipeline.data.tasks import load_split
 from pipeline.evaluation import accuracy
 from pipeline.io import write_parquet
+from pipeline.merging.contract import default_device
 from pipeline.zoo.store import load_clip, load_encoder_state, load_head
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(zoo: dict, pretrained: str, model: str, method: str, tasks: list[str], heads: list[str], out: str,
-             encoder: str | None = None, data: list[str] = (), split: str = "test", batch_size: int = 512) -> None:
-    """Accuracy of ``encoder`` (default: the pretrained one) on ``tasks``; one row per task."""
+             encoder: str | None = None, data: list[str] = (), split: str = "test", batch_size: int = 512,
+             device: str = "auto") -> None:
+    """Accuracy of ``encoder`` (default: the pretrained one) on ``tasks`` on ``device`` (auto:
+    CUDA when present); one row per task."""
     image_encoder = load_clip(zoo, pretrained).visual
     if encoder:
         image_encoder.load_state_dict(load_encoder_state(encoder))
+    image_encoder.to(default_device() if device == "auto" else device)
     rows = []
     for task, head, data_file in zip(tasks, heads, data or [None] * len(tasks), strict=True):  # one split in memory
         dataset = load_split(zoo, task, split, data_file)

@@ -26,53 +26,60 @@ PRETRAINED_REPO = "openai/clip-tiny-test"
 FINETUNED_REPO = "tanganke/clip-tiny-test_{hub_name}"
 
 
-def pretrained_clip(seed: int = 0) -> transformers.CLIPModel:
+def pretrained_clip(seed: int = 0, full_size: bool = False) -> transformers.CLIPModel:
+    """A random CLIPModel: tiny, or with ``full_size`` transformers' default (ViT-B/32) shapes."""
     torch.manual_seed(seed)
-    config = transformers.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=16)
+    config = transformers.CLIPConfig() if full_size else \
+        transformers.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=16)
     return transformers.CLIPModel(config).eval()
 
 
-def write_model_repos(root: Path, tasks: list[str], seed: int = 0) -> dict[str, Path]:
+def write_model_repos(root: Path, tasks: list[str], seed: int = 0, full_size: bool = False,
+                      pretrained_repo: str = PRETRAINED_REPO, finetuned_repo: str = FINETUNED_REPO) -> dict[str, Path]:
     """repo id -> folder (under ``root/models``, the stand-in Hub's layout) of the pretrained
-    CLIPModel and of each task's CLIPVisionModel."""
-    clip = pretrained_clip(seed)
-    repos = {PRETRAINED_REPO: root / "models" / PRETRAINED_REPO}
-    clip.save_pretrained(repos[PRETRAINED_REPO])
+    CLIPModel and of each task's CLIPVisionModel (``finetuned_repo`` with ``{hub_name}``)."""
+    clip = pretrained_clip(seed, full_size)
+    repos = {pretrained_repo: root / "models" / pretrained_repo}
+    clip.save_pretrained(repos[pretrained_repo])
     for i, task in enumerate(tasks):
-        vision = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).eval()
+        vision = transformers.CLIPVisionModel(clip.config.vision_config).eval()
         vision.load_state_dict(clip.vision_model.state_dict())  # transformers 5: the tower is the model
         generator = torch.Generator().manual_seed(seed + 1 + i)
         with torch.no_grad():
             for p in vision.parameters():
-                p.add_(0.02 * torch.randn(p.shape, generator=generator))
-        repo = FINETUNED_REPO.format(hub_name=suites.task(task).hub_name)
+                p.add_(0.02 * p.detach().std().clamp_min(1e-3) * torch.randn(p.shape, generator=generator))
+        repo = finetuned_repo.format(hub_name=suites.task(task).hub_name)
         repos[repo] = root / "models" / repo
         vision.save_pretrained(repos[repo])
     return repos
 
 
-def png(rng: np.random.Generator, size: int) -> bytes:
+def encoded(rng: np.random.Generator, size: tuple[int, int], fmt: str = "PNG") -> bytes:
     out = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)).save(out, format="PNG")
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(out, format=fmt)
     return out.getvalue()
 
 
-def write_dataset_repos(root: Path, tasks: list[str], sizes: dict[str, int], seed: int = 0) -> dict[str, Path]:
+def write_dataset_repos(root: Path, tasks: list[str], sizes: dict[str, int], seed: int = 0,
+                        image_sizes: dict[str, tuple[int, int]] | None = None, fmt: str = "PNG") -> dict[str, Path]:
     """repo id -> folder (under ``root/datasets``) of each task's dataset,
     ``<config or data>/<split>-00000-of-00001.parquet`` with the task's image and label
-    columns (image cells: {bytes, path} structs)."""
+    columns (image cells: {bytes, path} structs of random ``fmt`` images, square sides drawn
+    in ``image_sizes[task]`` (default 40 x 48 px)."""
     repos = {}
     for i, task in enumerate(tasks):
         spec = suites.task(task)
         rng = np.random.default_rng(seed + i)
+        low, high = (image_sizes or {}).get(task, (40, 48))
         folder = root / "datasets" / spec.dataset
         for split, n in sizes.items():
             hub_split = {"train": spec.train_split, "test": spec.test_split}[split]
             labels = rng.integers(0, len(spec.classnames), n)
-            images = [{"bytes": png(rng, 40), "path": f"{j}.png"} for j in range(n)]
+            sides = rng.integers(low, high + 1, (n, 2))
+            images = [{"bytes": encoded(rng, tuple(sides[j]), fmt), "path": f"{j}.{fmt.lower()}"} for j in range(n)]
             table = pa.table({spec.image_column: images, spec.label_column: pa.array(labels, pa.int64())})
             target = folder / (spec.config or "data") / f"{hub_split}-00000-of-00001.parquet"
             target.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, target)
+            pq.write_table(table, target, row_group_size=256)
         repos[spec.dataset] = folder
     return repos

@@ -27,9 +27,9 @@ def placeholder_checkpoints(cfg: dict, work: Path) -> None:
             path.touch()
 
 
-def dry_run(cfg: dict, work: Path) -> str:
+def dry_run(cfg: dict, work: Path, *args: str) -> str:
     (work / "run.yaml").write_text(yaml.safe_dump(cfg))
-    proc = snakemake("-n", "--configfile", "run.yaml", "--quiet", "rules", cwd=work, check=False)
+    proc = snakemake("-n", *args, "--configfile", "run.yaml", cwd=work, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout + proc.stderr
 
@@ -43,7 +43,7 @@ def jobs(log: str) -> dict[str, int]:
 def test_every_shipped_config_dry_runs(name, tmp_path):
     cfg = yaml.safe_load((REPO / "config" / name).read_text())
     placeholder_checkpoints(cfg, tmp_path)
-    counts = jobs(dry_run(cfg, tmp_path))
+    counts = jobs(dry_run(cfg, tmp_path, "--quiet", "rules"))
     assert counts.get("report") == 1, counts
     assert not (tmp_path / "resources").exists() and not (tmp_path / "results").exists()
 
@@ -53,9 +53,35 @@ def test_every_shipped_config_dry_runs(name, tmp_path):
 def test_hub_configs_plan_a_download_per_repo_of_each_suite(name, suite, tmp_path):
     cfg = yaml.safe_load((REPO / "config" / name).read_text())
     cfg["zoo"]["suite"] = suite
-    counts = jobs(dry_run(cfg, tmp_path))
+    counts = jobs(dry_run(cfg, tmp_path, "--quiet", "rules"))
     n = SUITES[suite]
     assert counts["download_pretrained"] == 1
     assert counts["download_finetuned"] == counts["import_finetuned"] == n
     assert counts["download_dataset"] == n
     assert counts["decode_images"] == 3 * n  # test for every model, val for the lambda search, train for Fisher/RegMean
+
+
+def test_local_checkpoints_per_task_are_the_imports_inputs(tmp_path):
+    """``checkpoints: {paths: ...}`` gives each task its own file or Hugging Face folder; the
+    import's inputs are that file or every file of that folder, so a replaced checkpoint
+    reruns its import. A task without a path is refused naming it."""
+    cfg = yaml.safe_load((REPO / "config/vit_b32.yaml").read_text())
+    tasks = cfg["zoo"]["tasks"] = ["EuroSAT", "DTD"]
+    (tmp_path / "eurosat.bin").touch()
+    hf_dir = tmp_path / "dtd_hf"
+    hf_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (hf_dir / name).touch()
+    cfg["zoo"]["checkpoints"] = {"paths": {"EuroSAT": "eurosat.bin", "DTD": "dtd_hf"}}
+    log = dry_run(cfg, tmp_path)
+    imports = re.findall(r"^rule import_finetuned:\n((?:    .*\n)+)", log, re.M)
+    assert len(imports) == len(tasks)
+    inputs = {line.split(":", 1)[1].strip() for block in imports for line in block.splitlines()
+              if line.strip().startswith("input:")}
+    assert any("eurosat.bin" in i for i in inputs)
+    assert any("dtd_hf/config.json" in i and "dtd_hf/model.safetensors" in i for i in inputs)
+
+    del cfg["zoo"]["checkpoints"]["paths"]["DTD"]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--configfile", "run.yaml", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "zoo.checkpoints.paths has no entry for task 'DTD'" in proc.stdout + proc.stderr

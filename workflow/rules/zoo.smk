@@ -86,6 +86,8 @@ else:
             f"{DOWNLOADS}/pretrained.json",
         log:
             f"{LOGS}/download/pretrained.log",
+        benchmark:
+            f"{BENCH}/download/pretrained.tsv"
         params:
             repo=lambda wc: PRETRAINED["repo"],
             revision=lambda wc: revision(PRETRAINED),
@@ -99,6 +101,8 @@ else:
             f"{DOWNLOADS}/finetuned/{{task}}.json",
         log:
             f"{LOGS}/download/finetuned_{{task}}.log",
+        benchmark:
+            f"{BENCH}/download/finetuned_{{task}}.tsv"
         params:
             repo=lambda wc: fill(CHECKPOINTS["repo"], wc.task),
             revision=lambda wc: revision(CHECKPOINTS, wc.task),
@@ -112,6 +116,8 @@ else:
             f"{DATA}/downloads/{{task}}.json",
         log:
             f"{LOGS}/download/dataset_{{task}}.log",
+        benchmark:
+            f"{BENCH}/download/dataset_{{task}}.tsv"
         params:
             repo=lambda wc: dataset_repo(wc.task),
             revision=lambda wc: revision(ZOO_CFG["datasets"], wc.task),

@@ -4,8 +4,10 @@
 # 8 ViT-B/32 task vectors with AdaMerging's batches, in fp32, TF32 and bf16 autocast.
 # FusionBench joins the AdaMerging benchmark when `fusion_bench` is importable: wheels found in
 # .whl/ (ignored by git, carried to the device; see docs/benchmarks.md) are installed first into
-# $PYTHON's environment. Writes 8 files to $OUT: kernel_tests.log, bench_kernels.{json,md},
-# bench_adamerging.log, bench_adamerging_{fp32,tf32,bf16}.json and summary.md.
+# $PYTHON's environment. Then the real-zoo workflow's stages and evaluation throughput
+# (benchmarks/bench_real_zoo.py). Writes to $OUT: kernel_tests.log, bench_kernels.{json,md},
+# bench_adamerging.log, bench_adamerging_{fp32,tf32,bf16}.json, bench_real_zoo.{log,md} and
+# summary.md.
 #     OUT=/path bash benchmarks/gpu.sh
 # On a short device budget: PRECISIONS="bf16 fp32" KERNEL_BENCH=0 (skips the kernel benchmark).
 set -u
@@ -45,6 +47,17 @@ for precision in ${PRECISIONS:-fp32 tf32 bf16}; do
     [ "$rc" -ne 0 ] && ada_rc=$rc
 done
 
+# The real-zoo path on the GPU: workflow stage times (FusionBench's ViT-B/32 layout, random
+# weights, EuroSAT and DTD at their real test sizes, 500 AdaMerging steps) and evaluation
+# throughput over the decoded image cache against decoding every time. REAL_ZOO=0 skips it.
+zoo_rc=0
+if [ "${REAL_ZOO:-1}" != 0 ]; then
+    timeout "${ZOO_TIMEOUT:-300}" "$PYTHON" benchmarks/bench_real_zoo.py --device cuda --steps 500 \
+        --cores "$(nproc)" --only stages --only throughput --md "$OUT/bench_real_zoo.md" >"$OUT/bench_real_zoo.log" 2>&1
+    zoo_rc=$?
+    tail -n 30 "$OUT/bench_real_zoo.log"
+fi
+
 "$PYTHON" - "$OUT" "$JUNIT" "$tests_rc" "$bench_rc" "$ada_rc" <<'PY'
 import sys, xml.etree.ElementTree as ET
 from pathlib import Path
@@ -67,7 +80,9 @@ if (out / "bench_kernels.md").exists():
     lines.append((out / "bench_kernels.md").read_text())
 if (out / "bench_adamerging.log").exists():
     lines += ["", "## AdaMerging", "", "```", (out / "bench_adamerging.log").read_text(), "```"]
+if (out / "bench_real_zoo.md").exists():
+    lines += ["", "# Real-zoo workflow", "", (out / "bench_real_zoo.md").read_text()]
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines[:3]))
 PY
-exit $(( tests_rc != 0 || bench_rc != 0 || ada_rc != 0 ))
+exit $(( tests_rc != 0 || bench_rc != 0 || ada_rc != 0 || zoo_rc != 0 ))

@@ -77,13 +77,20 @@ def unlabeled(dataset: Dataset, rows: torch.Tensor | None = None) -> torch.Tenso
 
 
 def task_prompts(zoo: dict, task: str) -> tuple[list[str], list[str]]:
-    """Class names and prompt templates of a task (synthetic catalogue or the paper's datasets)."""
+    """Class names and prompt templates of a task: the synthetic catalogue's; for Hub datasets
+    the suite's (:mod:`pipeline.data.suites`, in the Hub datasets' label order); for datasets
+    under ``data_root`` the paper datasets' (SUN397 and Cars in their data's label order)."""
     if zoo["source"] == "synthetic":
         from pipeline.data.synthetic import ATTRIBUTES
 
         if task not in ATTRIBUTES:
             raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(ATTRIBUTES)}")
         return ATTRIBUTES[task].classnames, ATTRIBUTES[task].templates
+    if "datasets" in zoo:
+        from pipeline.data.suites import task as task_spec
+
+        spec = task_spec(task)
+        return list(spec.classnames), list(spec.templates)
     from pipeline.data.paper_datasets import classnames, templates
 
     return classnames(task, zoo.get("data_root")), templates(task)

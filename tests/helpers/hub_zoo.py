@@ -15,23 +15,20 @@ import torch
 import transformers
 from PIL import Image
 
+from helpers.hf_clip import clip_model
 from pipeline.data import suites
 
-# The real CLIP vocabulary and context (open_clip's tokenizer applies), tiny widths.
-TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=77, eos_token_id=49407, bos_token_id=49406, hidden_act="quick_gelu")
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-              patch_size=8, hidden_act="quick_gelu")
 PRETRAINED_REPO = "openai/clip-tiny-test"
 FINETUNED_REPO = "tanganke/clip-tiny-test_{hub_name}"
 
 
 def pretrained_clip(seed: int = 0, full_size: bool = False) -> transformers.CLIPModel:
-    """A random CLIPModel: tiny, or with ``full_size`` transformers' default (ViT-B/32) shapes."""
+    """A random CLIPModel: tiny (:func:`helpers.hf_clip.clip_model`), or with ``full_size``
+    transformers' default shapes, those of openai/clip-vit-base-patch32."""
+    if not full_size:
+        return clip_model(seed)
     torch.manual_seed(seed)
-    config = transformers.CLIPConfig() if full_size else \
-        transformers.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=16)
-    return transformers.CLIPModel(config).eval()
+    return transformers.CLIPModel(transformers.CLIPConfig()).eval()
 
 
 def write_model_repos(root: Path, tasks: list[str], seed: int = 0, full_size: bool = False,

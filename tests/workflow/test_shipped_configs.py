@@ -85,3 +85,12 @@ def test_local_checkpoints_per_task_are_the_imports_inputs(tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake("-n", "--configfile", "run.yaml", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "zoo.checkpoints.paths has no entry for task 'DTD'" in proc.stdout + proc.stderr
+
+
+def test_suite_tasks_without_a_data_root_reader_are_refused_before_any_job(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/vit_b32.yaml").read_text())
+    cfg["zoo"]["tasks"] = ["EuroSAT", "Flowers102"]
+    placeholder_checkpoints(cfg, tmp_path)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--configfile", "run.yaml", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "['Flowers102'] have no reader for zoo.data_root" in proc.stdout + proc.stderr

@@ -20,6 +20,9 @@ ZOO_CFG = config["zoo"]
 ZOO = ZOO_CFG["name"]
 SOURCE = ZOO_CFG["source"]
 SYNTHETIC = SOURCE == "synthetic"
+HUB_DATA = (
+    "datasets" in ZOO_CFG
+)  # images from the suite's Hub datasets, else from data_root
 if "tasks" not in ZOO_CFG:  # the suite's tasks
     from pipeline.data import suites
 
@@ -79,6 +82,16 @@ def code_version(verb, *methods):
     return provenance.code_version(workflow.basedir, modules)
 
 
+if not SYNTHETIC and not HUB_DATA:
+    from pipeline.data.paper_datasets import PAPER_DATASETS
+
+    unread = [t for t in ALL_TASKS if t not in PAPER_DATASETS]
+    if unread:
+        raise ValueError(
+            f"config: tasks {unread} have no reader for zoo.data_root (it reads the 8 paper datasets "
+            f"{list(PAPER_DATASETS)}); set `datasets: {{source: hub}}` to read every suite task from the Hub"
+        )
+
 overlap = sorted(set(TASKS) & set(HELDOUT))
 if overlap:
     raise ValueError(
@@ -115,7 +128,6 @@ def zoo_json(*sections):
 DOWNLOADS = f"{MODELS}/downloads"
 PRETRAINED = ZOO_CFG.get("pretrained")  # absent for synthetic zoos
 CHECKPOINTS = ZOO_CFG.get("checkpoints")
-HUB_DATA = "datasets" in ZOO_CFG
 
 
 def hub_name(task):

@@ -29,3 +29,14 @@ def test_unlabeled_reads_caches_row_by_row_and_stacks_the_rest(tmp_path):
     tensors = TensorDataset(*cache[:])
     assert unlabeled(tensors) is tensors.tensors[0]
     assert torch.equal(unlabeled(tensors, rows), as_tensors(Subset(tensors, rows.tolist()))[0])
+
+
+def test_hub_datasets_take_class_names_and_templates_from_the_suite():
+    """SUN397's label order is its source's: with Hub datasets the suite's list, needing no data_root."""
+    from pipeline.data import suites
+    from pipeline.data.tasks import task_prompts
+
+    zoo = {"source": "open_clip", "datasets": {"source": "hub"}}
+    for name in ("SUN397", "Flowers102"):
+        classnames, templates = task_prompts(zoo, name)
+        assert classnames == list(suites.task(name).classnames) and templates == list(suites.task(name).templates)

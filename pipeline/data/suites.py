@@ -51,6 +51,7 @@ class TaskSpec:
     label_column: str
     classnames: tuple[str, ...]
     templates: tuple[str, ...]
+    revision: str = "main"  # the dataset revision read by default (a branch holding parquet files)
 
 
 def _lines(block: str) -> tuple[str, ...]:
@@ -1126,6 +1127,9 @@ _TASKS = (
             "they look {}.",
             "look at how {} they are.",
         ),
+        # wds_fer2013 is a WebDataset (tar shards); the Hub's parquet conversion branch holds its
+        # rows as parquet with the same columns. Unverified offline.
+        revision="refs/convert/parquet",
     ),
     TaskSpec(
         "OxfordIIITPet", "oxford-iiit-pet", "timm/oxford-iiit-pet", None, "train", None, "test",

@@ -137,9 +137,10 @@ def hub_name(task):
     return suites.task(task).hub_name
 
 
-def revision(spec, task=None):
-    """The pinned revision of a Hub spec (``revisions[task]``, else ``revision``, else main)."""
-    return spec.get("revisions", {}).get(task, spec.get("revision", "main"))
+def revision(spec, task=None, default="main"):
+    """The pinned revision of a Hub spec (``revisions[task]``, else ``revision``, else
+    ``default``)."""
+    return spec.get("revisions", {}).get(task, spec.get("revision", default))
 
 
 def is_path(source):
@@ -212,19 +213,21 @@ def dataset_args(task):
     return f"--manifest {DATA}/downloads/{task}.json" if HUB_DATA else ""
 
 
-def dataset_repo(task):
+def dataset_spec(task):
     from pipeline.data import suites
 
-    return suites.task(task).dataset
+    return suites.task(task)
+
+
+def dataset_repo(task):
+    return dataset_spec(task).dataset
 
 
 def dataset_patterns(task):
     """``--allow-patterns`` of a task's dataset download: the parquet files of its splits in
     its config (the Hub's layouts, pipeline/hub.py), not the repo's other configs or splits.
     """
-    from pipeline.data import suites
-
-    spec = suites.task(task)
+    spec = dataset_spec(task)
     where = f"{spec.config}/" if spec.config else "*"
     splits = [s for s in (spec.train_split, spec.val_split, spec.test_split) if s]
     patterns = [

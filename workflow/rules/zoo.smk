@@ -120,7 +120,7 @@ else:
             f"{BENCH}/download/dataset_{{task}}.tsv"
         params:
             repo=lambda wc: dataset_repo(wc.task),
-            revision=lambda wc: revision(ZOO_CFG["datasets"], wc.task),
+            revision=lambda wc: revision(ZOO_CFG["datasets"], wc.task, dataset_spec(wc.task).revision),
             patterns=lambda wc: dataset_patterns(wc.task),
             code=code_version("download-dataset"),
         shell:

@@ -87,3 +87,9 @@ def test_paper_datasets_read_their_names_and_templates_from_the_suites():
         assert paper_datasets.templates(name) == list(task(name).templates)
         if name not in ("SUN397", "Cars"):  # these two read theirs from the data
             assert paper_datasets.classnames(name) == list(task(name).classnames)
+
+
+def test_datasets_read_from_main_except_webdataset_repos_from_their_parquet_branch():
+    revisions = {spec.name: spec.revision for spec in suite("TALL20")}
+    assert revisions.pop("FER2013") == "refs/convert/parquet"
+    assert set(revisions.values()) == {"main"}

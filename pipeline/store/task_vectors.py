@@ -3,7 +3,7 @@
     results/{zoo}/task_vectors.zarr/            zarr v3 group
     results/{zoo}/task_vectors.zarr/{task}/     one subgroup per task, attributes:
         task, base_hash (state_dict_hash of the pretrained encoder), source_sha256 (of the
-        fine-tuned checkpoint), chunk_elements, storage, checksum ("crc32"), keys (state-dict
+        fine-tuned checkpoint), chunk_elements, storage, checksum ("crc32c"), keys (state-dict
         order), complete (JSON true, written last)
     results/{zoo}/task_vectors.zarr/{task}/{key}  one flat array per floating tensor of the
         image encoder, named by its state-dict key, chunked into ``chunk_elements`` entries;
@@ -14,7 +14,7 @@ says: fp32 (default), fp16 or bf16 (kept as its uint16 bit patterns, zarr has no
 uncompressed (default), zstd or blosc. Readers always get fp32. A subgroup is written under a
 temporary name next to the store and renamed into place, and readers accept only subgroups
 whose ``complete`` attribute is true, so a killed writer leaves nothing a reader trusts.
-Every chunk has a file (zero chunks too) and a CRC-32 of its stored element bytes seeded with
+Every chunk has a file (zero chunks too) and a CRC-32C of its stored element bytes seeded with
 its identity (task, base and source hashes, tensor, chunk index), verified on every read: a
 missing, truncated, corrupted or foreign chunk is refused, naming its file and the command
 that rebuilds the task vector. :class:`TaskVectorStore` streams the K task vectors chunk by
@@ -28,12 +28,12 @@ import math
 import os
 import shutil
 import sys
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import google_crc32c  # zarr's own dependency: 1.2-1.7x the speed of zlib.crc32 here
 import numpy as np
 import torch
 import zarr
@@ -46,7 +46,7 @@ from pipeline.models.checkpoints import check_compatible, check_finite, sha256_f
 DEFAULT_CHUNK_MIB = 4.0
 DTYPES = {"float32": ("float32", 4), "float16": ("float16", 2), "bfloat16": ("uint16", 2)}  # zarr dtype, bytes
 CODECS = ("none", "zstd", "blosc")
-CHECKSUM = "crc32"  # of each chunk, written as the subgroup's ``checksum`` attribute
+CHECKSUM = "crc32c"  # of each chunk, written as the subgroup's ``checksum`` attribute
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,10 @@ def chunk_elements(chunk_mib: float, itemsize: int = 4) -> int:
 
 
 def chunk_checksum(identity: str, index: int, values: np.ndarray) -> int:
-    """CRC-32 of a chunk's element bytes (little-endian), seeded with ``identity`` (see
+    """CRC-32C of a chunk's element bytes (little-endian), seeded with ``identity`` (see
     :func:`chunk_identity`) and the chunk's index, so that a chunk from elsewhere fails it."""
     data = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
-    return zlib.crc32(data, zlib.crc32(f"{identity}\0{index}".encode()))
+    return google_crc32c.extend(google_crc32c.value(f"{identity}\0{index}".encode()), data)
 
 
 def chunk_identity(task: str, base_hash: str, source_sha256: str, key: str) -> str:

@@ -100,7 +100,8 @@ def main() -> None:
         fp32_gib = a.tasks * a.mib / 1024
         best = {v: min(t) for v, t in times.items()}
         print(json.dumps({"dtype": storage.dtype, "codec": storage.codec, "GiB_fp32": fp32_gib,
-                          "GiB_on_disk": stores[True].nbytes() / 2**30, "verified_s": best[True], "unverified_s": best[False],
+                          "GiB_on_disk": stores[True].nbytes() / 2**30, "verified_s": best[True],
+                          "unverified_s": best[False],
                           "verified_fp32_GiB_per_s": fp32_gib / best[True],
                           "unverified_fp32_GiB_per_s": fp32_gib / best[False],
                           "throughput_ratio": best[False] / best[True]}), flush=True)

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import google_crc32c  # zarr's own dependency: 1.2-1.7x the speed of zlib.crc32 here
+import google_crc32c  # a dependency of zarr; faster than zlib.crc32 (docs/benchmarks.md)
 import numpy as np
 import torch
 import zarr
@@ -248,8 +248,8 @@ class TaskVectorStore:
             raise ValueError(f"{path} holds the task vector of task {group.attrs.get('task')!r}, not of task "
                              f"{task!r} (a copied or renamed subgroup); {rebuild_hint(path)}")
         if group.attrs.get("checksum") != CHECKSUM:
-            raise ValueError(f"task vector of task {task!r} at {path} has no chunk checksums (written by an older "
-                             f"version of the pipeline); {rebuild_hint(path)}")
+            raise ValueError(f"task vector of task {task!r} at {path} has no {CHECKSUM} chunk checksums (written by an "
+                             f"older version of the pipeline); {rebuild_hint(path)}")
         return group
 
     def _arrays(self, task: str) -> dict[str, tuple[list[int], str]]:

@@ -244,7 +244,7 @@ def test_store_without_checksums_is_refused_with_the_rebuild_command(tmp_path):
     root = tmp_path / "tv.zarr"
     make_store(root, task_vectors(k=2))
     del zarr.open_group(str(root / "a"), mode="r+").attrs["checksum"]  # as written before checksums
-    with pytest.raises(ValueError, match=rf"task 'a'.*no chunk checksums.*older version.*"
+    with pytest.raises(ValueError, match=rf"task 'a'.*no crc32c chunk checksums.*older version.*"
                                          rf"{re.escape(rebuild_hint(root / 'a'))}$"):
         TaskVectorStore(root, ["a", "b"])
     group = zarr.open_group(str(root / "b"), mode="r+")

@@ -110,7 +110,12 @@ def chunk_identity(task: str, base_hash: str, source_sha256: str, key: str) -> s
 
 def rebuild_hint(path: Path) -> str:
     """The command that rebuilds the task-vector subgroup at ``path`` (a forced rerun of its job:
-    plain ``snakemake PATH`` does nothing while the output exists)."""
+    plain ``snakemake PATH`` does nothing while the output exists), the path relative to the
+    working directory where it lies inside (Snakemake matches no absolute targets)."""
+    try:
+        path = path.absolute().relative_to(Path.cwd())
+    except ValueError:
+        pass
     return f"rebuild it with `snakemake --force {path}` (and the run's --configfile)"
 
 

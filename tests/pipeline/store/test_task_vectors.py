@@ -276,9 +276,11 @@ def test_verify_source_refuses_another_checkpoint(tmp_path):
         store.verify_source("a", tmp_path / "a.safetensors")
 
 
-def test_the_rebuild_command_reruns_exactly_that_job(tmp_path):
+def test_the_rebuild_command_reruns_exactly_that_job(tmp_path, monkeypatch):
     """The command of the refusals reruns the job of a present output (where `snakemake PATH`
     has nothing to do), and no other: on a workflow with the task_vector rule's output form."""
+    monkeypatch.chdir(tmp_path)
+    assert rebuild_hint(tmp_path / "tv.zarr" / "a") == rebuild_hint(Path("tv.zarr/a"))  # Snakemake's relative targets
     (tmp_path / "Snakefile").write_text('rule task_vector:\n    output:\n        directory("tv.zarr/{task}"),\n'
                                         '    shell:\n        "mkdir -p {output}"\n')
     snakemake("--cores", "1", "tv.zarr/a", "tv.zarr/b", cwd=tmp_path, repo=tmp_path)

@@ -71,7 +71,7 @@ def synthesise(root: Path, pretrained: dict[str, torch.Tensor], tasks: int, stor
         try:
             TaskVectorStore(root, [name])
             continue
-        except (FileNotFoundError, KeyError):
+        except (FileNotFoundError, ValueError):  # none, or unreadable: rewritten
             pass
         gen = torch.Generator().manual_seed(1000 + j)
         diffs = ((key, (value + torch.randn(value.shape, generator=gen).mul_(1e-3)) - value, value.dtype)

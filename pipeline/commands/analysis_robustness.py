@@ -17,7 +17,7 @@ def analysis_robustness(zoo: dict, pretrained: str, task_vectors: list[str], fin
                         adamerging: dict = {}, max_images: int = 0, batch_size: int = 512) -> None:  # noqa: B006
     """Task Arithmetic, TIES and AdaMerging (adapted on the corrupted images) of the tasks of
     ``task_vectors``, evaluated on the clean and the ``corruption`` test sets."""
-    encoder, state, store = open_store(zoo, pretrained, task_vectors)
+    encoder, state, store = open_store(zoo, pretrained, task_vectors, finetuned)
     clean = task_splits(zoo, store.tasks, heads, data, "test")
     settings = registry.method(f"adamerging_{variant}").configure(adamerging)
     table = run(encoder, load_clip(zoo, pretrained).visual, state, store, list(finetuned_models(finetuned)), clean, zoo,

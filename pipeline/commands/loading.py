@@ -32,9 +32,11 @@ def job_seed(zoo: dict, name: str) -> int:
     return zoo["seed"] * 100_003 + zlib.crc32(name.encode()) % 100_000
 
 
-def open_store(zoo: dict, pretrained: str, task_vectors: Sequence[str]):
+def open_store(zoo: dict, pretrained: str, task_vectors: Sequence[str], finetuned: Sequence[str] = ()):
     """(pretrained image encoder, a copy of its state dict, the store over ``task_vectors``:
-    task subgroups of one zarr store)."""
+    task subgroups of one zarr store). ``finetuned``: the tasks' fine-tuned checkpoints, in
+    the same order, checked to be those the task vectors were computed from (one SHA-256 of
+    each file)."""
     from pipeline.models.checkpoints import state_dict_hash  # zarr only for the verbs that read stores
     from pipeline.store.task_vectors import TaskVectorStore
 
@@ -44,7 +46,12 @@ def open_store(zoo: dict, pretrained: str, task_vectors: Sequence[str]):
     model = load_clip(zoo, pretrained)
     state = {k: v.clone() for k, v in model.visual.state_dict().items()}  # not views of the encoder's weights
     tasks = [Path(p).name for p in task_vectors]
-    return model.visual, state, TaskVectorStore(roots.pop(), tasks, base_hash=state_dict_hash(state))
+    store = TaskVectorStore(roots.pop(), tasks, base_hash=state_dict_hash(state))
+    if finetuned and len(finetuned) != len(tasks):
+        raise ValueError(f"{len(finetuned)} --finetuned checkpoints for {len(tasks)} --task-vectors; pass one per task")
+    for task, path in zip(tasks, finetuned):
+        store.verify_source(task, path)
+    return model.visual, state, store
 
 
 def splits(zoo: dict, tasks: Sequence[str], data: Sequence[str], split: str) -> list:

@@ -3,29 +3,37 @@
     results/{zoo}/task_vectors.zarr/            zarr v3 group
     results/{zoo}/task_vectors.zarr/{task}/     one subgroup per task, attributes:
         task, base_hash (state_dict_hash of the pretrained encoder), source_sha256 (of the
-        fine-tuned checkpoint), chunk_elements, keys (state-dict order), complete (written last)
+        fine-tuned checkpoint), chunk_elements, storage, checksum ("crc32c"), keys (state-dict
+        order), complete (JSON true, written last)
     results/{zoo}/task_vectors.zarr/{task}/{key}  one flat array per floating tensor of the
         image encoder, named by its state-dict key, chunked into ``chunk_elements`` entries;
-        attributes: shape and dtype of the source tensor
+        attributes: shape and dtype of the source tensor, checksums (one per chunk)
 
 A task vector is fine-tuned minus pretrained, computed in fp32 and stored as :class:`Storage`
 says: fp32 (default), fp16 or bf16 (kept as its uint16 bit patterns, zarr has no bfloat16),
 uncompressed (default), zstd or blosc. Readers always get fp32. A subgroup is written under a
 temporary name next to the store and renamed into place, and readers accept only subgroups
-whose ``complete`` attribute is set, so a killed writer leaves nothing a reader trusts.
-:class:`TaskVectorStore` streams the K task vectors chunk by chunk.
+whose ``complete`` attribute is true, so a killed writer leaves nothing a reader trusts.
+Every chunk has a file (zero chunks too) and a CRC-32C of its stored element bytes seeded with
+its identity (task, base and source hashes, tensor, chunk index), verified on every read: a
+missing, truncated, corrupted or foreign chunk is refused, naming its file and the command
+that rebuilds the task vector. :class:`TaskVectorStore` streams the K task vectors chunk by
+chunk.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+import google_crc32c  # a dependency of zarr; faster than zlib.crc32 (docs/benchmarks.md)
 import numpy as np
 import torch
 import zarr
@@ -38,6 +46,7 @@ from pipeline.models.checkpoints import check_compatible, check_finite, sha256_f
 DEFAULT_CHUNK_MIB = 4.0
 DTYPES = {"float32": ("float32", 4), "float16": ("float16", 2), "bfloat16": ("uint16", 2)}  # zarr dtype, bytes
 CODECS = ("none", "zstd", "blosc")
+CHECKSUM = "crc32c"  # of each chunk, written as the subgroup's ``checksum`` attribute
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,29 @@ def chunk_elements(chunk_mib: float, itemsize: int = 4) -> int:
     if chunk_mib <= 0:
         raise ValueError(f"chunk size must be positive, got {chunk_mib} MiB")
     return max(1, int(chunk_mib * 2**20) // itemsize)
+
+
+def chunk_checksum(identity: str, index: int, values: np.ndarray) -> int:
+    """CRC-32C of a chunk's element bytes (little-endian), seeded with ``identity`` (see
+    :func:`chunk_identity`) and the chunk's index, so that a chunk from elsewhere fails it."""
+    data = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+    return google_crc32c.extend(google_crc32c.value(f"{identity}\0{index}".encode()), data)
+
+
+def chunk_identity(task: str, base_hash: str, source_sha256: str, key: str) -> str:
+    """What a chunk's checksum binds it to, besides its index."""
+    return "\0".join((task, base_hash, source_sha256, key))
+
+
+def rebuild_hint(path: Path) -> str:
+    """The command that rebuilds the task-vector subgroup at ``path`` (a forced rerun of its job:
+    plain ``snakemake PATH`` does nothing while the output exists), the path relative to the
+    working directory where it lies inside (Snakemake matches no absolute targets)."""
+    try:
+        path = path.absolute().relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return f"rebuild it with `snakemake --force {path}` (and the run's --configfile)"
 
 
 def _ensure_root(root: Path) -> None:
@@ -135,26 +167,43 @@ def write_diffs(root: str | Path, task: str, diffs: Iterable[tuple[str, torch.Te
     with atomic_path(final, directory=True, dir=root.parent, prefix=f".{root.name}.{task}.") as tmp:
         group = zarr.open_group(str(tmp), mode="w", attributes={
             "task": task, "base_hash": base_hash, "source_sha256": source_sha256,
-            "chunk_elements": n_chunk, "storage": asdict(storage)})
+            "chunk_elements": n_chunk, "storage": asdict(storage), "checksum": CHECKSUM})
         keys = []
         for key, diff, dtype in tqdm(diffs, desc=f"task vector {task}", mininterval=2):
             n = max(diff.numel(), 1)
-            array = group.create_array(key, shape=(diff.numel(),), dtype=DTYPES[storage.dtype][0],
-                                       chunks=(math.ceil(n / math.ceil(n / n_chunk)),),  # even: no padded edge chunk
+            step = math.ceil(n / math.ceil(n / n_chunk))  # near-even: little padding in the edge chunk
+            values = storage.encode(diff.reshape(-1))
+            identity = chunk_identity(task, base_hash, source_sha256, key)
+            checksums = [chunk_checksum(identity, i, values[start:start + step])
+                         for i, start in enumerate(range(0, len(values), step))]
+            array = group.create_array(key, shape=(diff.numel(),), dtype=DTYPES[storage.dtype][0], chunks=(step,),
                                        compressors=storage.compressors(), fill_value=0,
-                                       attributes={"shape": list(diff.shape),
+                                       config={"write_empty_chunks": True},  # a missing chunk file is an error
+                                       attributes={"shape": list(diff.shape), "checksums": checksums,
                                                    "dtype": str(dtype).removeprefix("torch.")})
-            array[:] = storage.encode(diff.reshape(-1))
+            array[:] = values
             keys.append(key)
         group.attrs.update({"keys": keys, "complete": True})  # last: readers trust only complete subgroups
     return final
 
 
+class _Layout(NamedTuple):
+    """How the chunks of one array of one task are read and verified."""
+
+    plain: bool  # uncompressed chunk files in native byte order: read straight into tensors
+    step: int  # entries per chunk
+    chunk_key: Callable  # chunk coordinates -> chunk file name under the array's folder
+    checksums: list[int]
+    identity: str
+
+
 class TaskVectorStore:
     """Read access to the task vectors of ``tasks`` in the store at ``root``.
 
-    Checks on opening that every subgroup is complete, that all share one base model (and
-    equal ``base_hash`` when given) and that their keys and shapes agree.
+    Checks on opening that every subgroup is complete, holds the task it is named after, has
+    chunk checksums and the metadata of every tensor, that all share one base model (and
+    equal ``base_hash`` when given) and that their keys and shapes agree. Every read verifies
+    the checksum of each chunk it reads.
     """
 
     def __init__(self, root: str | Path, tasks: Sequence[str], base_hash: str | None = None):
@@ -193,15 +242,39 @@ class TaskVectorStore:
             group = zarr.open_group(str(path), mode="r")
         except FileNotFoundError:
             group = None
-        if group is None or not group.attrs.get("complete", False):
+        except ValueError as err:  # zarr.json is no JSON
+            raise ValueError(f"task vector of task {task!r}: {path / 'zarr.json'} is unreadable ({err}); "
+                             f"{rebuild_hint(path)}") from err
+        if group is None or group.attrs.get("complete") is not True:
             raise FileNotFoundError(
-                f"task vector of task {task!r} at {path} is missing or incomplete (a killed write); "
-                f"rebuild it with `snakemake {path}`")
+                f"task vector of task {task!r} at {path} is missing or incomplete (a killed write or a partial "
+                f"copy); {rebuild_hint(path)}")
+        if group.attrs.get("task") != task:
+            raise ValueError(f"{path} holds the task vector of task {group.attrs.get('task')!r}, not of task "
+                             f"{task!r} (a copied or renamed subgroup); {rebuild_hint(path)}")
+        if group.attrs.get("checksum") != CHECKSUM:
+            raise ValueError(f"task vector of task {task!r} at {path} has no {CHECKSUM} chunk checksums (written by an "
+                             f"older version of the pipeline); {rebuild_hint(path)}")
         return group
 
     def _arrays(self, task: str) -> dict[str, tuple[list[int], str]]:
-        group = self.groups[task]
-        return {key: (group[key].attrs["shape"], group[key].attrs["dtype"]) for key in group.attrs["keys"]}
+        """Shape and dtype of each tensor of ``task``; refuses missing or unreadable array
+        metadata and checksum lists that do not fit the chunks."""
+        path = self.root / task
+        arrays = {}
+        for key in self.groups[task].attrs["keys"]:
+            try:
+                array = self._array(task, key)
+            except (KeyError, ValueError) as err:
+                raise ValueError(f"task vector of task {task!r}: the metadata of tensor {key!r}, "
+                                 f"{path / key / 'zarr.json'}, is missing or unreadable ({err!r}); "
+                                 f"{rebuild_hint(path)}") from None
+            if len(array.attrs.get("checksums", ())) != array.nchunks:
+                raise ValueError(f"task vector of task {task!r}: tensor {key!r} has "
+                                 f"{len(array.attrs.get('checksums', ()))} chunk checksums for {array.nchunks} "
+                                 f"chunks ({path / key / 'zarr.json'}); {rebuild_hint(path)}")
+            arrays[key] = (array.attrs["shape"], array.attrs["dtype"])
+        return arrays
 
     def numel(self) -> int:
         """Entries d of one full task vector."""
@@ -211,7 +284,7 @@ class TaskVectorStore:
                progress: str | None = None) -> Iterator[tuple[str, slice, torch.Tensor]]:
         """Yield ``(key, flat slice, (K, n) fp32 tensor)`` over every tensor chunk by chunk,
         K = len(tasks) (default all). Only one chunk per task is in memory at a time.
-        Refuses NaN or Inf, naming task and tensor."""
+        Refuses NaN or Inf, and chunks that fail their checksum, naming task and tensor."""
         tasks = self.tasks if tasks is None else list(tasks)
         for key, span in self.spans(progress):
             block = self.read_block(key, span, tasks)
@@ -227,13 +300,12 @@ class TaskVectorStore:
                 yield key, slice(start, min(start + step, size))
 
     def read_block(self, key: str, span: slice, tasks: Sequence[str] | None = None) -> torch.Tensor:
-        """The (K, n) fp32 values of ``key[span]`` of ``tasks`` (default all); refuses NaN or
-        Inf, naming task and tensor."""
+        """The (K, n) fp32 values of ``key[span]`` of ``tasks`` (default all), each chunk read
+        verified against its checksum; refuses NaN or Inf, naming task and tensor."""
         tasks = self.tasks if tasks is None else tasks
         block = torch.empty((len(tasks), span.stop - span.start), dtype=torch.float32)
         for row, task in zip(block, tasks):
-            if not self._read_raw(task, key, span, row):
-                row.copy_(self.storage[task].decode(self._array(task, key)[span]))
+            self._read_span(task, key, span, row)
         if not bool(torch.isfinite(block.sum())):  # NaN and Inf reach the sum (a cheap first test)
             bad = [t for t, row in zip(tasks, block) if not bool(torch.isfinite(row).all())]
             if bad:
@@ -241,41 +313,89 @@ class TaskVectorStore:
                                  f"({self.root / bad[0]}); rebuild it from a finite checkpoint")
         return block
 
+    def verify_source(self, task: str, path: str | Path) -> None:
+        """Refuse ``path`` unless it is the fine-tuned checkpoint (by SHA-256) that the task
+        vector of ``task`` was computed from."""
+        want, got = self.groups[task].attrs["source_sha256"], sha256_file(path)
+        if got != want:
+            raise ValueError(
+                f"task vector of task {task!r} ({self.root / task}) was computed from a fine-tuned checkpoint "
+                f"with sha256 {want[:12]}, but {path} has sha256 {got[:12]}: the checkpoint changed after the "
+                f"task vector was written, or is another task's; {rebuild_hint(self.root / task)}")
+
     @functools.cache
     def _array(self, task: str, key: str) -> zarr.Array:
         return self.groups[task][key]
 
     @functools.cache
-    def _layout(self, task: str, key: str) -> tuple[bool, int, Callable]:
-        """Whether the array's chunk files are plain (uncompressed, native byte order), its
-        chunk length and its chunk-key encoder (read once per array)."""
+    def _layout(self, task: str, key: str) -> _Layout:
+        """How the chunks of ``key`` of ``task`` are read and verified (read once per array)."""
         array = self._array(task, key)
-        meta = array.metadata
+        meta, attrs = array.metadata, self.groups[task].attrs
         plain = (len(meta.codecs) == 1 and type(meta.codecs[0]).__name__ == "BytesCodec"
                  and getattr(meta.codecs[0].endian, "value", None) == sys.byteorder)
-        return plain, array.chunks[0], meta.chunk_key_encoding.encode_chunk_key
+        return _Layout(plain, array.chunks[0], meta.chunk_key_encoding.encode_chunk_key, list(array.attrs["checksums"]),
+                       chunk_identity(task, attrs["base_hash"], attrs["source_sha256"], key))
 
-    def _read_raw(self, task: str, key: str, span: slice, out: torch.Tensor) -> bool:
-        """Read one uncompressed chunk file straight into ``out`` (16-bit types through a
-        buffer, then converted): no zarr decode, the GIL released while reading, so reader
-        threads overlap. False where that does not apply."""
-        plain, step, chunk_key = self._layout(task, key)
-        if not plain or span.start % step or span.stop - span.start > step:
-            return False
-        dtype = self.storage[task].dtype
-        target = out if dtype == "float32" else torch.empty(len(out), dtype=torch.int16)
+    def _read_span(self, task: str, key: str, span: slice, out: torch.Tensor) -> None:
+        """``key[span]`` of ``task`` into ``out`` from the whole chunks it overlaps (one, unless
+        ``task`` was written with other chunks than the first task)."""
+        step, size = self._layout(task, key).step, self._array(task, key).shape[0]
+        for index in range(span.start // step, -(-span.stop // step)):
+            lo, hi = index * step, min((index + 1) * step, size)
+            if (lo, hi) == (span.start, span.stop):
+                self._read_chunk(task, key, index, out)
+                continue
+            chunk = torch.empty(hi - lo, dtype=torch.float32)
+            self._read_chunk(task, key, index, chunk)
+            start, stop = max(lo, span.start), min(hi, span.stop)
+            out[start - span.start:stop - span.start] = chunk[start - lo:stop - lo]
+
+    def _read_chunk(self, task: str, key: str, index: int, out: torch.Tensor) -> None:
+        """Chunk ``index`` of ``key`` of ``task`` into ``out`` (fp32, the chunk's length),
+        verified. Plain chunk files are read straight into ``out`` (16-bit types through a
+        buffer, then converted): no zarr decode, the GIL released while reading and hashing, so
+        reader threads overlap."""
+        layout, storage = self._layout(task, key), self.storage[task]
+        file = self.root / task / key / layout.chunk_key((index,))
+        if not layout.plain:
+            if not file.is_file():  # zarr would read the fill value
+                raise self._chunk_error(task, key, index, "is missing (a deleted chunk file)")
+            start = index * layout.step
+            try:
+                values = self._array(task, key)[start:start + len(out)]
+            except Exception as err:  # noqa: BLE001 - whatever the codec makes of a damaged file
+                raise self._chunk_error(task, key, index, f"cannot be decoded ({type(err).__name__}: {err})") from err
+            self._verify(task, key, index, values)
+            out.copy_(storage.decode(values))
+            return
+        raw = out if storage.dtype == "float32" else torch.empty(len(out), dtype=torch.int16)
+        view = memoryview(raw.numpy()).cast("B")
+        expected = layout.step * storage.itemsize  # an edge chunk's file is padded to the full chunk
         try:
-            with open(self.root / task / key / chunk_key((span.start // step,)), "rb", buffering=0) as f:
-                view = memoryview(target.numpy()).cast("B")
-                got = 0
-                while got < len(view) and (n := f.readinto(view[got:])):
+            with open(file, "rb", buffering=0) as f:
+                size, got = os.fstat(f.fileno()).st_size, 0
+                while size == expected and got < len(view) and (n := f.readinto(view[got:])):
                     got += n
-        except FileNotFoundError:  # a chunk never written holds the fill value
-            out.zero_()
-            return True
-        if target is not out:
-            out.copy_(target.view(getattr(torch, dtype)))
-        return got == len(view)
+        except FileNotFoundError:
+            raise self._chunk_error(task, key, index, "is missing (a deleted chunk file)") from None
+        if got != len(view):
+            raise self._chunk_error(task, key, index, f"has {size} bytes, expected {expected} (truncated, or "
+                                                      f"written with another layout)")
+        self._verify(task, key, index, raw.numpy())
+        if raw is not out:
+            out.copy_(raw.view(getattr(torch, storage.dtype)))
+
+    def _verify(self, task: str, key: str, index: int, values: np.ndarray) -> None:
+        layout = self._layout(task, key)
+        if chunk_checksum(layout.identity, index, values) != layout.checksums[index]:
+            raise self._chunk_error(task, key, index, "fails its checksum: its bytes are corrupted, or it was "
+                                                      "copied from another task vector or tensor")
+
+    def _chunk_error(self, task: str, key: str, index: int, problem: str) -> ValueError:
+        file = self.root / task / key / self._layout(task, key).chunk_key((index,))
+        return ValueError(f"chunk {index} of tensor {key!r} of task {task!r} ({file}) {problem}; "
+                          f"{rebuild_hint(self.root / task)}")
 
     def nbytes(self) -> int:
         """Bytes of the stored arrays' chunk files on disk (what one full read reads)."""
@@ -286,4 +406,3 @@ class TaskVectorStore:
         """Provenance of the store's subgroups (for settings files)."""
         return {"store": str(self.root), "base_hash": self.base_hash,
                 "sources": {t: self.groups[t].attrs["source_sha256"] for t in self.tasks}}
-

@@ -82,3 +82,20 @@ def test_cli_verbs(fake_zoo):
         state = load_encoder_state(root / f"{name}.safetensors")
         assert state.keys() == reference.keys() and all(bool(torch.isfinite(v).all()) for v in state.values()), name
         assert (root / f"{name}.json").exists()
+
+
+def test_open_store_checks_the_finetuned_checkpoints_it_is_given(fake_zoo, tmp_path):
+    from pipeline.commands.loading import open_store
+
+    root, tasks = fake_zoo, ["colour", "border"]
+    base = _zoo_args(root)
+    tvs = [str(tmp_path / "tv.zarr" / t) for t in tasks]
+    for t, out in zip(tasks, tvs):
+        main(["task-vector", *base, "--task", t, "--finetuned", str(root / f"{t}.safetensors"), "--out", out])
+    zoo, pretrained = json.loads(base[1]), str(root / "pretrained.safetensors")
+    finetuned = [str(root / f"{t}.safetensors") for t in tasks]
+    assert open_store(zoo, pretrained, tvs, finetuned)[2].tasks == tasks
+    with pytest.raises(ValueError, match=r"task 'colour' .*, but .*border.safetensors has sha256 .*another task's"):
+        open_store(zoo, pretrained, tvs, finetuned[::-1])
+    with pytest.raises(ValueError, match="1 --finetuned checkpoints for 2 --task-vectors"):
+        open_store(zoo, pretrained, tvs, finetuned[:1])

@@ -117,7 +117,7 @@ def run(encoder: torch.nn.Module, adapt_encoder: torch.nn.Module, pretrained: di
         sets["corrupted"] = [(t, h, corrupted_split(d, zoo, corruption, severity, settings.seed)) for t, h, d in clean]
     result = adamerge(variant, adapt_encoder, finetuned, [h for _, h, _ in clean],
                       adaptation_images([d for _, _, d in sets.get("corrupted", clean)], max_images, settings.seed),
-                      settings, device=None, progress=False)
+                      settings, device=None, progress=False, tasks=tasks)
     ta = task_arithmetic.Settings(lam=lambdas["task_arithmetic"])
     rows = evaluate(encoder, task_arithmetic.run(Inputs(pretrained, tasks, store), ta).state_dict(),
                     "task_arithmetic", sets, batch_size)

@@ -73,7 +73,7 @@ def run_adamerging(encoder: torch.nn.Module, eval_encoder: torch.nn.Module, vari
     tvs = padded_task_vectors(encoder, finetuned, len(order) - len(seen))
     result = adamerge(variant, encoder, tvs, [h for _, h, _ in ordered],
                       adaptation_images([d for _, _, d in ordered], max_images, settings.seed), settings, device=None,
-                      progress=False)
+                      progress=False, tasks=order)
     return pd.DataFrame(_evaluate(eval_encoder, result.state_dict, f"adamerging_{variant}", ordered, unseen,
                                   batch_size), columns=COLUMNS)
 

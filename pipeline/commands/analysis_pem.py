@@ -21,7 +21,7 @@ def analysis_pem(zoo: dict, pretrained: str, tasks: list[str], finetuned: list[s
     test = task_splits(zoo, tasks, heads, data, "test")
     val = [d for _, _, d in task_splits(zoo, tasks, heads, data, "val")]
     settings = registry.method("adamerging_task_wise").configure(adamerging)
-    table = pem.run(encoder, state, tasks, list(finetuned_models(finetuned)), [load_safetensors(f) for f in lora], test, val,
-                    lambda_grid(**grid), negation_lam, settings, max_images, batch_size)
+    table = pem.run(encoder, state, tasks, list(finetuned_models(finetuned)), [load_safetensors(f) for f in lora],
+                    test, val, lambda_grid(**grid), negation_lam, settings, max_images, batch_size)
     write_parquet(table, out)
     pem.plot(table, figure)

@@ -91,7 +91,8 @@ class Reader:
         if self.depth < 1:
             raise ValueError(f"a block of {len(self.store.tasks)} task-vector chunks of {self.store.root} takes "
                              f"{_size(block)}, more than half the memory budget of {_size(self.budget_mib * 2**20)}: "
-                             f"raise the budget (merging.budget_mib) or write the store with a smaller merging.chunk_mib")
+                             "raise the budget (merging.budget_mib) or write the store with a smaller "
+                             "merging.chunk_mib")
         self.depth = min(self.depth, 16)
         _return_large_frees_to_the_os()
         self._pool = ThreadPoolExecutor(self.workers)

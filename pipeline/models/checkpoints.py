@@ -44,8 +44,8 @@ StateDict = dict[str, torch.Tensor]
 
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # what to do about a model a job computed with NaN or Inf in it
-NONFINITE_OUTPUT = ("the computation diverged (e.g. AdaMerging with too large an lr) or one of its inputs holds "
-                    "NaN or Inf: check the inputs and lower the method's step size")
+NONFINITE_OUTPUT = ("the computation diverged or overflowed (too large an lr or lambda?) or one of its inputs "
+                    "holds NaN or Inf: check the inputs and the settings that produced it")
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from pipeline.analysis.common import figure, label, save_figure
+from pipeline.models.checkpoints import readable
 
 
 def _keys(handle, prefix: str) -> dict[str, str]:
@@ -24,7 +25,10 @@ def l2_distances(models: Mapping[str, str], prefixes: Mapping[str, str] | None =
     ``prefixes.get(name, "")`` (``"visual."`` for a full CLIP checkpoint)."""
     prefixes = prefixes or {}
     names = list(models)
-    handles = {n: safe_open(str(models[n]), framework="pt") for n in names}
+    handles = {}
+    for n in names:
+        with readable(models[n]):
+            handles[n] = safe_open(str(models[n]), framework="pt")
     keys = {n: _keys(handles[n], prefixes.get(n, "")) for n in names}
     common = [k for k in keys[names[0]] if all(k in keys[n] for n in names)]
     sq = torch.zeros(len(names), len(names), dtype=torch.float64)

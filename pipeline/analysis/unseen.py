@@ -30,17 +30,19 @@ def _evaluate(encoder, state_dict, method: str, splits, unseen: Sequence[str], b
 
 def run_baselines(encoder: torch.nn.Module, pretrained: dict[str, torch.Tensor], store,
                   splits: Sequence[tuple[str, torch.Tensor, object]], unseen: Sequence[str], lambdas: dict, ties: dict,
-                  batch_size: int) -> pd.DataFrame:
-    """Task Arithmetic and TIES of the seen tasks' vectors (``store``) on every task of
-    ``splits`` (task, head, test split)."""
+                  batch_size: int, budget_mib: float) -> pd.DataFrame:
+    """Task Arithmetic and TIES of the seen tasks' vectors (``store``, streamed within
+    ``budget_mib``) on every task of ``splits`` (task, head, test split)."""
     from pipeline.merging import task_arithmetic, ties_merging
     from pipeline.merging.contract import Inputs, default_device
 
     ta = task_arithmetic.Settings(lam=lambdas["task_arithmetic"])
-    rows = _evaluate(encoder, task_arithmetic.run(Inputs(pretrained, store.tasks, store), ta).state_dict(),
+    rows = _evaluate(encoder, task_arithmetic.run(Inputs(pretrained, store.tasks, store, budget_mib=budget_mib),
+                                                  ta).state_dict(),
                      "task_arithmetic", splits, unseen, batch_size)
     tm = ties_merging.Settings(**ties, lam=lambdas["ties_merging"])
-    merged = ties_merging.run(Inputs(pretrained, store.tasks, store, device=default_device()), tm).state_dict()
+    merged = ties_merging.run(Inputs(pretrained, store.tasks, store, device=default_device(), budget_mib=budget_mib),
+                              tm).state_dict()
     rows += _evaluate(encoder, merged, "ties_merging", splits, unseen, batch_size)
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -73,7 +75,7 @@ def run_adamerging(encoder: torch.nn.Module, eval_encoder: torch.nn.Module, vari
     tvs = padded_task_vectors(encoder, finetuned, len(order) - len(seen))
     result = adamerge(variant, encoder, tvs, [h for _, h, _ in ordered],
                       adaptation_images([d for _, _, d in ordered], max_images, settings.seed), settings, device=None,
-                      progress=False)
+                      progress=False, tasks=order)
     return pd.DataFrame(_evaluate(eval_encoder, result.state_dict, f"adamerging_{variant}", ordered, unseen,
                                   batch_size), columns=COLUMNS)
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from safetensors.torch import load_file
-
 from pipeline.analysis import pem
 from pipeline.analysis.common import write_parquet
 from pipeline.commands.loading import finetuned_models, task_splits
 from pipeline.merging import registry
 from pipeline.merging.lambda_search import grid as lambda_grid
+from pipeline.models.checkpoints import load_safetensors
 from pipeline.zoo.store import load_clip
 
 
@@ -22,7 +21,7 @@ def analysis_pem(zoo: dict, pretrained: str, tasks: list[str], finetuned: list[s
     test = task_splits(zoo, tasks, heads, data, "test")
     val = [d for _, _, d in task_splits(zoo, tasks, heads, data, "val")]
     settings = registry.method("adamerging_task_wise").configure(adamerging)
-    table = pem.run(encoder, state, tasks, list(finetuned_models(finetuned)), [load_file(f) for f in lora], test, val,
-                    lambda_grid(**grid), negation_lam, settings, max_images, batch_size)
+    table = pem.run(encoder, state, tasks, list(finetuned_models(finetuned)), [load_safetensors(f) for f in lora],
+                    test, val, lambda_grid(**grid), negation_lam, settings, max_images, batch_size)
     write_parquet(table, out)
     pem.plot(table, figure)

@@ -14,13 +14,15 @@ from pipeline.zoo.store import load_clip
 def analysis_unseen(zoo: dict, pretrained: str, variant: str, tasks: list[str], seen: list[str], unseen: list[str],
                     heads: list[str], out: str, task_vectors: list[str] = (), finetuned: list[str] = (),
                     data: list[str] = (), lambdas: dict = {}, ties: dict = {}, adamerging: dict = {},  # noqa: B006
-                    max_images: int = 0, batch_size: int = 512) -> None:
-    """``variant`` "baselines" (Task Arithmetic and TIES of the seen tasks) or an AdaMerging
-    variant adapted on all ``tasks``' unlabeled test images."""
+                    max_images: int = 0, batch_size: int = 512, budget_mib: float = 1024) -> None:
+    """``variant`` "baselines" (Task Arithmetic and TIES of the seen tasks, the store streamed
+    within ``budget_mib``) or an AdaMerging variant adapted on all ``tasks``' unlabeled test
+    images."""
     splits = task_splits(zoo, tasks, heads, data, "test")
     if variant == "baselines":
         encoder, state, store = open_store(zoo, pretrained, task_vectors)
-        table = unseen_analysis.run_baselines(encoder, state, store, splits, unseen, lambdas, ties, batch_size)
+        table = unseen_analysis.run_baselines(encoder, state, store, splits, unseen, lambdas, ties, batch_size,
+                                              budget_mib)
     else:
         settings = registry.method(f"adamerging_{variant}").configure(adamerging)
         encoder = load_clip(zoo, pretrained).visual

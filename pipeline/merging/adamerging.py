@@ -45,6 +45,7 @@ VARIANTS = {
 
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+CHECK_EVERY = 10  # steps between checks that the loss is finite (each one host synchronisation)
 
 
 @contextlib.contextmanager
@@ -75,6 +76,9 @@ class Settings:
     log_every: int = 100  # coefficients are recorded every this many steps and at the end
     seed: int = 0
     precision: str = "fp32"  # encoder matmuls: fp32 (the paper), tf32 or bf16 (autocast)
+    # a task with fewer test images than batch_size x batches_per_task: refused (False), or all
+    # its images drawn each step, in fewer or smaller batches than the other tasks' (True)
+    allow_small_test_sets: bool = False
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1 or self.batches_per_task < 1 or self.log_every < 1:
@@ -184,10 +188,42 @@ def draw_batches(images: Sequence[Images], batch_size: int, n_batches: int,
     return torch.cat(xs), sizes
 
 
+def check_test_sets(variant: str, images: Sequence[Images], tasks: Sequence[str], settings: Settings) -> None:
+    """Refuse a task whose test images cannot fill ``batches_per_task`` batches of
+    ``batch_size`` (its batches would silently shrink), unless ``allow_small_test_sets``."""
+    if settings.allow_small_test_sets:
+        return
+    need = settings.batch_size * settings.batches_per_task
+    for k, x in enumerate(images):
+        if len(x) < need:
+            name = repr(tasks[k]) if tasks else str(k)
+            raise ValueError(
+                f"AdaMerging {variant}: task {name} has {len(x)} unlabeled test images, fewer than batch_size "
+                f"{settings.batch_size} x batches_per_task {settings.batches_per_task} = {need} drawn per step, so "
+                "its batches would shrink to what there is. Lower batch_size or batches_per_task, give it more "
+                "images (max_images), or set allow_small_test_sets: true to take all its images each step")
+
+
+def check_finite_loss(variant: str, losses: Sequence[torch.Tensor], start: int, settings: Settings) -> None:
+    """Stop a diverged run: refuse the first of ``losses[start:]`` that is NaN or Inf, naming
+    the step, the variant and the setting to change."""
+    finite = torch.isfinite(torch.stack(list(losses[start:])))
+    if bool(finite.all()):
+        return
+    step = start + int((~finite).nonzero()[0, 0])
+    precision = "" if settings.precision == "fp32" else f", or precision fp32 (not {settings.precision})"
+    raise FloatingPointError(
+        f"AdaMerging {variant}: the entropy loss is {float(losses[step])} at step {step} (lr {settings.lr:g}): the "
+        f"optimisation diverged and its merge would not be finite. Lower lr (the paper's is 1e-3){precision}, "
+        "or check the fine-tuned encoders, heads and images for NaN or Inf")
+
+
 def adamerge(variant: str, encoder: nn.Module, finetuned: Sequence[StateDict] | torch.Tensor,
              heads: Sequence[torch.Tensor], images: Sequence[Images], settings: Settings = Settings(),
-             device: torch.device | str | None = None, progress: bool = True) -> Result:
+             device: torch.device | str | None = None, progress: bool = True, tasks: Sequence[str] = ()) -> Result:
     """Learn AdaMerging coefficients and return them with the entropy curve and merged weights.
+    The loss is checked every CHECK_EVERY steps and at the end: a run whose loss or
+    coefficients stop being finite is stopped (:func:`check_finite_loss`).
 
     Args:
         variant: one of ``VARIANTS``.
@@ -199,6 +235,7 @@ def adamerge(variant: str, encoder: nn.Module, finetuned: Sequence[StateDict] | 
         images: per task the unlabeled (normalised) test images: a tensor, or an object that
             reads the rows it is indexed with (:class:`~pipeline.merging.contract.Images`).
         device: where to compute (default: CUDA when available).
+        tasks: the tasks' names, for messages (default: their indices).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown AdaMerging variant {variant!r}; known: {sorted(VARIANTS)}")
@@ -208,6 +245,7 @@ def adamerge(variant: str, encoder: nn.Module, finetuned: Sequence[StateDict] | 
     if any(len(x) == 0 for x in images):
         raise ValueError("every task needs at least one unlabeled image")
     s = settings
+    check_test_sets(variant, images, tasks, s)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     layer_wise, plus = VARIANTS[variant]
     pretrained = encoder.state_dict()
@@ -227,6 +265,7 @@ def adamerge(variant: str, encoder: nn.Module, finetuned: Sequence[StateDict] | 
     generator = torch.Generator().manual_seed(s.seed)
     history = {0: model.lambda_raw.detach().cpu().clone()}
     losses = []  # kept on the device: no host synchronisation per step
+    checked = 0  # losses[:checked] are known to be finite
     bar = tqdm(range(s.steps), desc=f"adamerging {variant}", disable=not progress, mininterval=2)
     with compute_precision(s.precision, device):
         for step in bar:
@@ -237,10 +276,16 @@ def adamerge(variant: str, encoder: nn.Module, finetuned: Sequence[StateDict] | 
             optimizer.step()
             losses.append(loss.detach())
             done = step + 1
+            if done % CHECK_EVERY == 0 or done == s.steps:
+                check_finite_loss(variant, losses, checked, s)
+                checked = done
             if done % s.log_every == 0 or done == s.steps:
                 history[done] = model.lambda_raw.detach().cpu().clone()
             if progress and done % 10 == 0:
                 bar.set_postfix(entropy=f"{losses[-1].item():.4f}", refresh=False)
+    if bool(history[s.steps].isnan().any()):  # the last update, whose loss no step computed
+        raise FloatingPointError(f"AdaMerging {variant}: the coefficients are NaN after step {s.steps} (lr {s.lr:g}): "
+                                 "the optimisation diverged. Lower lr (the paper's is 1e-3)")
     entropy = torch.stack(losses).float().tolist() if losses else []
     with torch.no_grad():
         state_dict = layout.state_dict(model.merged(), pretrained)
@@ -281,7 +326,7 @@ def runner(variant: str):
 
     def run(inputs: Inputs, settings: Settings = Settings()) -> MergedState:
         result = adamerge(variant, inputs.encoder, inputs.finetuned, inputs.heads, inputs.test, settings,
-                          device=inputs.device, progress=inputs.progress)
+                          device=inputs.device, progress=inputs.progress, tasks=inputs.tasks)
         return MergedState(result.state_dict, {"result": result})
 
     run.__qualname__ = f"run_{variant}"

@@ -39,6 +39,9 @@ def diagonal_fisher(encoder: nn.Module, head: torch.Tensor, dataset: Dataset, ex
     for i in tqdm(order.tolist(), desc=desc, mininterval=2):
         x = dataset[i][0].unsqueeze(0)
         log_p = F.log_softmax(logits(encoder(x), head), dim=-1)[0]
+        if not bool(torch.isfinite(log_p).all()):
+            raise FloatingPointError(f"{desc}: the predictions on training example {i} are NaN or Inf: the fine-tuned "
+                                     "encoder, its head or the example holds NaN or Inf")
         y = torch.multinomial(log_p.detach().exp(), 1, generator=gen)[0]
         grads = torch.autograd.grad(log_p[y], list(params.values()), allow_unused=True)
         for name, g in zip(params, grads):

@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -42,11 +43,15 @@ from pipeline.models.hf_clip import HF_PATCH_KEY, HF_VISION_PREFIX, hf_vision_to
 StateDict = dict[str, torch.Tensor]
 
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# what to do about a model a job computed with NaN or Inf in it
+NONFINITE_OUTPUT = ("the computation diverged or overflowed (too large an lr or lambda?) or one of its inputs "
+                    "holds NaN or Inf: check the inputs and the settings that produced it")
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
     """Write ``state_dict`` as safetensors (contiguous CPU tensors) through a temporary file in
-    the same folder and a rename, so a killed job never leaves a half-written ``path``."""
+    the same folder and a rename, so a killed job never leaves a half-written ``path``; a
+    floating-point tensor with NaN or Inf is refused, naming it (no job publishes one)."""
     tensors, storages = {}, set()
     for key, value in state_dict.items():
         tensor = value.detach().cpu().contiguous()
@@ -55,8 +60,35 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path) ->
             tensor = tensor.clone()
         storages.add(tensor.untyped_storage().data_ptr())
         tensors[key] = tensor
+    check_finite(tensors, f"refusing to write {path}", NONFINITE_OUTPUT)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp)
+
+
+def load_safetensors(path: str | Path) -> StateDict:
+    """The tensors of a safetensors file; an unreadable one (truncated, empty, not
+    safetensors) is refused naming it and the fix."""
+    with readable(path):
+        return load_file(str(path))
+
+
+def damaged(path: str | Path, reason: str) -> ValueError:
+    """The error for a checkpoint file that cannot be read, naming it, why, and the fix."""
+    return ValueError(f"cannot read {path} ({reason}): the file is truncated or damaged, e.g. by a killed "
+                      "download or write. Delete it and rebuild it (rerun the job that writes it) or download "
+                      "it again")
+
+
+@contextlib.contextmanager
+def readable(path: str | Path):
+    """Re-raise the errors of reading a damaged checkpoint file (safetensors' header errors,
+    torch's EOF, zip and unpickling errors) as :func:`damaged`'s."""
+    try:
+        yield
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except (SafetensorError, EOFError, RuntimeError, OSError, pickle.UnpicklingError) as err:
+        raise damaged(path, f"{type(err).__name__}: {str(err)[:200] or 'end of file'}") from err
 
 
 class SafetensorsWriter:
@@ -93,23 +125,36 @@ class SafetensorsWriter:
             raise
 
     def write(self, name: str, values: torch.Tensor) -> None:
-        """Append the next ``values`` (flat, the tensor's dtype) of tensor ``name``."""
+        """Append the next ``values`` (flat, the tensor's dtype) of tensor ``name``; NaN or
+        Inf is refused, naming the tensor and the entries."""
         start, end, dtype = self.offsets[name]
         pos = self.file.tell() - self.data_start
         if not start <= pos < end or values.dtype != dtype:
             raise ValueError(f"{name}: writes must follow the header order and dtype {dtype}")
-        self.file.write(values.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        values = values.detach().cpu().contiguous()
+        first = (pos - start) // dtype.itemsize  # the entries these values start at
+        check_finite({f"{name}[{first}:{first + values.numel()}]": values}, f"refusing to write {self.path}",
+                     NONFINITE_OUTPUT)
+        self.file.write(values.view(torch.uint8).numpy().tobytes())
 
     def close(self, patches: Sequence[tuple[str, torch.Tensor, torch.Tensor]] = ()) -> Path:
-        """Overwrite single entries (flat index, value) of written tensors, then publish."""
-        for name, index, values in patches:
-            start, _, dtype = self.offsets[name]
-            data = values.to(dtype).view(torch.uint8).reshape(len(index), -1).numpy()
-            for i, row in zip(index.tolist(), data):
-                self.file.seek(self.data_start + start + i * dtype.itemsize)
-                self.file.write(row.tobytes())
-        self.file.close()
-        return self._target.commit()
+        """Overwrite single entries (flat index, value) of written tensors, then publish; on
+        any failure (a non-finite patch, a full disk) the temporary file is removed."""
+        try:
+            for name, index, values in patches:
+                start, _, dtype = self.offsets[name]
+                values = values.to(dtype)
+                check_finite({f"{name} (patched entries)": values}, f"refusing to write {self.path}",
+                             NONFINITE_OUTPUT)
+                data = values.view(torch.uint8).reshape(len(index), -1).numpy()
+                for i, row in zip(index.tolist(), data):
+                    self.file.seek(self.data_start + start + i * dtype.itemsize)
+                    self.file.write(row.tobytes())
+            self.file.close()
+            return self._target.commit()
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         """Drop the temporary file; never raises (closing it may fail, e.g. on a full disk)."""
@@ -141,13 +186,15 @@ def state_dict_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def check_finite(state_dict: Mapping[str, torch.Tensor], name: str) -> None:
-    """Refuse a state dict with NaN or Inf in a floating-point tensor, naming key and source."""
+def check_finite(state_dict: Mapping[str, torch.Tensor], name: str,
+                 fix: str = "the checkpoint is corrupt or diverged: rebuild it or download it again") -> None:
+    """Refuse a state dict with NaN or Inf in a floating-point tensor, naming key and source
+    (``name``), how many entries, and ``fix``."""
     for key, tensor in state_dict.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = tensor.numel() - int(torch.isfinite(tensor).sum())
             raise ValueError(
-                f"{name}: tensor {key!r} contains NaN or Inf; the checkpoint is corrupt or "
-                "diverged and cannot be merged"
+                f"{name}: tensor {key!r} contains NaN or Inf ({bad} of {tensor.numel()} entries); {fix}"
             )
 
 
@@ -215,7 +262,7 @@ def read_state_dict_file(path: str | Path, trust_pickles: bool = False) -> State
     inner one."""
     path = Path(path)
     if _file_format(path) == "safetensors":
-        return load_file(str(path))
+        return load_safetensors(path)
     return _state_dict_of(_torch_load(path, trust_pickles), path)
 
 
@@ -224,10 +271,14 @@ def _file_format(path: Path) -> str:
     ``"torch"`` (a zip archive, or a pickle for the legacy format)."""
     with open(path, "rb") as f:
         head = f.read(9)
-    if len(head) == 9 and head[8:] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= path.stat().st_size:
+    if len(head) == 9 and head[8:] == b"{":
+        if 8 + struct.unpack("<Q", head[:8])[0] > path.stat().st_size:
+            raise damaged(path, "a safetensors header that runs past the end of the file")
         return "safetensors"
     if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
         return "torch"
+    if not head:
+        raise damaged(path, "an empty file")
     raise ValueError(
         f"{path} is neither a safetensors file nor a torch.save file (zip archive or pickle); "
         f"its first bytes are {head!r}. Give a checkpoint written by safetensors or "
@@ -238,19 +289,20 @@ def _file_format(path: Path) -> str:
 def _torch_load(path: Path, trust_pickles: bool) -> object:
     """``torch.load`` of ``path`` given as an open file: given a name, torch reads a
     ``.safetensors`` suffix as safetensors, whatever the content."""
-    try:
+    with readable(path):
+        try:
+            with open(path, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if not trust_pickles:
+                raise ValueError(
+                    f"{path} holds pickled Python objects (like the task_vectors/AdaMerging "
+                    "release's ImageEncoder files); loading it runs code from the file. If you "
+                    "trust its source, set `trust_pickles: true` in the zoo config "
+                    "(load_state_dict(..., trust_pickles=True))"
+                ) from err
         with open(path, "rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if not trust_pickles:
-            raise ValueError(
-                f"{path} holds pickled Python objects (like the task_vectors/AdaMerging "
-                "release's ImageEncoder files); loading it runs code from the file. If you "
-                "trust its source, set `trust_pickles: true` in the zoo config "
-                "(load_state_dict(..., trust_pickles=True))"
-            ) from err
-    with open(path, "rb") as f:
-        return torch.load(f, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
+            return torch.load(f, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
 
 
 class _LenientUnpickler(pickle.Unpickler):

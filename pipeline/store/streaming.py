@@ -42,13 +42,20 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from pipeline.models.checkpoints import SafetensorsWriter
+from pipeline.models.checkpoints import SafetensorsWriter, readable
 from pipeline.store.task_vectors import TaskVectorStore
 
 DEFAULT_BUDGET_MIB = 1024
 COMPILE_MIN_ENTRIES = 1 << 26  # K x N from which CPU merges compile their per-block work
 Block = tuple[str, slice, torch.Tensor]
 log = logging.getLogger(__name__)
+
+
+def _size(n_bytes: float) -> str:
+    """A size in MiB, or in KiB below 1 MiB, with the digits that tell it apart."""
+    if n_bytes < 2**20:
+        return f"{n_bytes / 2**10:.4g} KiB"
+    return f"{n_bytes / 2**20:.4g} MiB"
 
 
 @functools.cache
@@ -82,9 +89,10 @@ class Reader:
         block = max(span.stop - span.start for _, span in self.store.spans()) * len(self.store.tasks) * 4
         self.depth = int(self.budget_mib * 2**20 / 2 // block)
         if self.depth < 1:
-            raise ValueError(f"a block of {len(self.store.tasks)} task-vector chunks takes {block / 2**20:.0f} MiB, "
-                             f"more than half the memory budget of {self.budget_mib} MiB: raise the budget "
-                             f"or write the store with a smaller chunk_mib")
+            raise ValueError(f"a block of {len(self.store.tasks)} task-vector chunks of {self.store.root} takes "
+                             f"{_size(block)}, more than half the memory budget of {_size(self.budget_mib * 2**20)}: "
+                             "raise the budget (merging.budget_mib) or write the store with a smaller "
+                             "merging.chunk_mib")
         self.depth = min(self.depth, 16)
         _return_large_frees_to_the_os()
         self._pool = ThreadPoolExecutor(self.workers)
@@ -172,7 +180,8 @@ class LazyStateDict(Mapping):
 
     def __init__(self, path: str | Path, prefix: str = ""):
         self.path, self.prefix = str(path), prefix
-        self._file = safe_open(self.path, "pt")
+        with readable(path):
+            self._file = safe_open(self.path, "pt")
         self._keys = [k[len(prefix):] for k in self._file.keys() if k.startswith(prefix)]
 
     def __getitem__(self, key: str) -> torch.Tensor:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -120,13 +119,14 @@ def rebuild_hint(path: Path) -> str:
 
 
 def _ensure_root(root: Path) -> None:
-    """Create the store's root group metadata atomically (concurrent writers agree on it)."""
+    """Create the store's root group metadata atomically (concurrent writers agree on it, so
+    none removes another's temporary file)."""
     root.mkdir(parents=True, exist_ok=True)
     if (root / "zarr.json").exists():
         return
     metadata: dict = {}
     zarr.open_group(zarr.storage.MemoryStore(metadata), mode="w", attributes={"content": "task vectors"})
-    with atomic_path(root / "zarr.json", dir=root.parent, prefix=f".{root.name}.root.") as tmp:
+    with atomic_path(root / "zarr.json", dir=root.parent, prefix=f".{root.name}.root.", exclusive=False) as tmp:
         tmp.write_bytes(metadata["zarr.json"].to_bytes())
 
 
@@ -157,12 +157,11 @@ def write_diffs(root: str | Path, task: str, diffs: Iterable[tuple[str, torch.Te
                 base_hash: str, source_sha256: str, chunk_mib: float = DEFAULT_CHUNK_MIB,
                 storage: Storage = Storage()) -> Path:
     """Write one task's vector from ``(key, fp32 difference, source dtype)`` items, one tensor
-    in memory at a time, atomically (a temporary subgroup beside the store, then a rename)."""
+    in memory at a time, atomically (a temporary subgroup beside the store, then a rename; one
+    left by a killed earlier write of the task is removed first)."""
     root = Path(root)
     _ensure_root(root)
     final = root / task
-    for stale in root.parent.glob(f".{root.name}.{task}.*.tmp"):  # left by a killed earlier write
-        shutil.rmtree(stale, ignore_errors=True)
     n_chunk = chunk_elements(chunk_mib, storage.itemsize)
     with atomic_path(final, directory=True, dir=root.parent, prefix=f".{root.name}.{task}.") as tmp:
         group = zarr.open_group(str(tmp), mode="w", attributes={

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file
 
 from pipeline.io import write_json
-from pipeline.models.checkpoints import save_state_dict
+from pipeline.models.checkpoints import check_finite, load_safetensors, save_state_dict
 from pipeline.models.clip import WordTokenizer, create_model
 from pipeline.models.pretrained import register_model_config
 
@@ -49,7 +48,7 @@ def load_clip(zoo: dict, path: str | Path) -> open_clip.model.CLIP:
     if config.exists():
         register_saved_config(zoo["arch"], config)
     model = create_model(zoo["arch"])
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(load_safetensors(path))
     return model.eval()
 
 
@@ -64,7 +63,7 @@ def load_tokenizer(zoo: dict, models_dir: str | Path):
 
 
 def load_head(path: str | Path) -> torch.Tensor:
-    return load_file(str(path))["weight"]
+    return load_safetensors(path)["weight"]
 
 
 def save_head(weight: torch.Tensor, path: str | Path) -> None:
@@ -72,4 +71,8 @@ def save_head(weight: torch.Tensor, path: str | Path) -> None:
 
 
 def load_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """An image-encoder state dict written by the pipeline (fine-tuned, imported or merged),
+    refused when unreadable or holding NaN or Inf."""
+    state = load_safetensors(path)
+    check_finite(state, f"encoder {path}")
+    return state

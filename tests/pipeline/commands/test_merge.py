@@ -99,3 +99,34 @@ def test_open_store_checks_the_finetuned_checkpoints_it_is_given(fake_zoo, tmp_p
         open_store(zoo, pretrained, tvs, finetuned[::-1])
     with pytest.raises(ValueError, match="1 --finetuned checkpoints for 2 --task-vectors"):
         open_store(zoo, pretrained, tvs, finetuned[:1])
+
+
+def test_analyses_stream_within_the_given_budget(fake_zoo, tmp_path):
+    """merging.budget_mib reaches the analyses that merge from the store: 10 KiB is too little
+    for the 19.2 KiB blocks of this store, and each verb says so (instead of using 1024 MiB)."""
+    root, tasks = fake_zoo, ["colour", "border"]
+    base = _zoo_args(root)
+    for t in tasks:
+        main(["task-vector", *base, "--task", t, "--finetuned", str(root / f"{t}.safetensors"),
+              "--chunk-mib", "0.01", "--out", str(tmp_path / "tv.zarr" / t)])
+    common = [*base, "--task-vectors", *[str(tmp_path / "tv.zarr" / t) for t in tasks],
+              "--heads", *[str(root / f"{t}.head.safetensors") for t in tasks],
+              "--data", *[str(root / f"{t}.npz") for t in tasks], "--budget-mib", str(10 / 1024)]
+    pd.DataFrame([{"method": "task_arithmetic", "lambda": 0.5, "task": t, "split": "val", "accuracy": 50.0}
+                  for t in tasks]).to_parquet(tmp_path / "search.parquet")
+    out = ["--out", str(tmp_path / "out.parquet")]
+    lambdas = ["--lambdas", json.dumps({"task_arithmetic": 0.3, "ties_merging": 0.3}), "--ties", '{"k": 20}']
+    verbs = [
+        ["analysis-surrogate", "--lambdas", "0.3", "--figure", str(tmp_path / "f.png"),
+         "--spearman-out", str(tmp_path / "s.parquet"), *out],
+        ["analysis-sensitivity", "--search", str(tmp_path / "search.parquet"), "--test",
+         "--figure", str(tmp_path / "f.png"), *out],
+        ["analysis-unseen", "--variant", "baselines", "--tasks", *tasks, "--seen", "colour", "--unseen", "border",
+         *lambdas, *out],
+        ["analysis-robustness", "--finetuned", *[str(root / f"{t}.safetensors") for t in tasks],
+         "--corruption", "clean", "--adamerging", '{"steps": 1, "batch_size": 4}', *lambdas, *out],
+    ]
+    for verb in verbs:
+        with pytest.raises(ValueError, match=r"takes 19\.2 KiB, more than half the memory budget of 10 KiB"):
+            main([verb[0], *common, *verb[1:]])
+    assert not (tmp_path / "out.parquet").exists()

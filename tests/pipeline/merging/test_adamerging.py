@@ -163,3 +163,33 @@ def test_images_read_from_a_cache_give_the_same_run_as_tensors(zoo, tmp_path):
     b = am.adamerge("layer_wise", encoder, finetuned, heads, [cache[:][0][r] for r in rows], s,
                     device="cpu", progress=False)
     assert a.entropy == b.entropy and torch.equal(a.lambdas, b.lambdas)
+
+
+def test_a_diverged_run_stops_at_its_first_non_finite_step(zoo):
+    encoder, _, finetuned, heads, images = zoo
+    with pytest.raises(FloatingPointError, match=r"AdaMerging layer_wise: the entropy loss is nan at step 1 "
+                                                 r"\(lr 1e\+38\): the optimisation diverged.*Lower lr"):
+        am.adamerge("layer_wise", encoder, finetuned, heads, images, am.Settings(steps=25, lr=1e38), progress=False)
+    with pytest.raises(FloatingPointError, match=r"coefficients are NaN after step 1 \(lr 1e\+38\)"):
+        am.adamerge("layer_wise", encoder, finetuned, heads, images, am.Settings(steps=1, lr=1e38), progress=False)
+    bad = [{k: v.clone() for k, v in sd.items()} for sd in finetuned]
+    bad[0]["proj"][0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"the entropy loss is nan at step 0 .*precision fp32 \(not bf16\).*"
+                                                 r"check the fine-tuned encoders"):
+        am.adamerge("task_wise", encoder, bad, heads, images, am.Settings(steps=3, precision="bf16"), progress=False)
+
+
+def test_test_sets_smaller_than_a_steps_batches_are_refused_unless_allowed(zoo):
+    from pipeline.merging.contract import Inputs
+
+    encoder, _, finetuned, heads, images = zoo
+    small = [images[0], images[1][:20], images[2]]
+    spec = registry.method("adamerging_task_wise")
+    inputs = Inputs(encoder.state_dict(), ["x", "y", "z"], encoder=encoder, finetuned=finetuned, heads=heads,
+                    test=small, device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"AdaMerging task_wise: task 'y' has 20 unlabeled test images, fewer than "
+                                         r"batch_size 16 x batches_per_task 2 = 32 drawn per step"):
+        spec.run(inputs, spec.configure({"steps": 2}))
+    allowed = spec.run(inputs, spec.configure({"steps": 2, "allow_small_test_sets": True})).details["result"]
+    assert len(allowed.entropy) == 2
+    assert spec.run(inputs, spec.configure({"steps": 2, "batch_size": 10})).details["result"].entropy

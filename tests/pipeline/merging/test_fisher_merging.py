@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pipeline.merging import fisher_merging, registry
-from pipeline.merging.contract import Inputs
+from pipeline.merging.contract import Inputs, MergedState
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -36,3 +36,23 @@ def test_fisher_weights_follow_the_data():
     got = registry.method("fisher_merging").run(inputs, fisher_merging.Settings(examples=16)).state_dict()
     for k in state:
         torch.testing.assert_close(got[k], state[k])
+
+
+
+def test_an_overflowed_fisher_merge_is_refused_when_saved(tmp_path):
+    states = [{"w": torch.ones(2, 3)}, {"w": torch.ones(2, 3)}]
+    fishers = [{"w": torch.full((2, 3), float("inf"))}, {"w": torch.ones(2, 3)}]  # squared gradients overflowed
+    merge = MergedState(fisher_merging.fisher_average(zip(states, fishers)))
+    with pytest.raises(ValueError, match=r"refusing to write \S+m\.safetensors: tensor 'w' contains NaN or Inf "
+                                         r"\(6 of 6 entries\)"):
+        merge.save(tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_predictions_are_refused_naming_the_example():
+    encoder = nn.Linear(6, 4)
+    x, y = _classification(0)
+    x[3] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"fisher a: the predictions on training example 3 are NaN or Inf"):
+        fisher_merging.diagonal_fisher(encoder, torch.randn(2, 4), TensorDataset(x, y), examples=len(x),
+                                       desc="fisher a")

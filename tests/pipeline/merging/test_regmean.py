@@ -1,10 +1,11 @@
 """RegMean: joint least squares on linear layers, Gram matrices of attention and CLIP encoders."""
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from pipeline.merging import registry, regmean
-from pipeline.merging.contract import Inputs
+from pipeline.merging.contract import Inputs, MergedState
 
 
 def test_regmean_linear_equals_joint_least_squares():
@@ -68,3 +69,13 @@ def test_regmean_covers_every_linear_of_a_clip_encoder():
               if k.endswith(("in_proj_weight", "out_proj.weight", "c_fc.weight", "c_proj.weight"))}
     assert set(grams) == linear and linear
     assert all(bool(torch.isfinite(g).all()) for g in grams.values())
+
+
+def test_a_non_finite_regmean_merge_is_refused_when_saved(tmp_path):
+    states = [{"w": torch.ones(2, 3)}, {"w": torch.ones(2, 3)}]
+    gram = torch.eye(3, dtype=torch.float64)
+    gram[0, 0] = float("inf")  # inputs that overflowed
+    merge = MergedState(regmean.regmean_average(zip(states, [{"w": gram}, {"w": torch.eye(3, dtype=torch.float64)}])))
+    with pytest.raises(ValueError, match=r"refusing to write \S+m\.safetensors: tensor 'w' contains NaN or Inf"):
+        merge.save(tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []

@@ -98,7 +98,7 @@ def test_files_are_recognised_by_content_not_suffix(tmp_path, visual):
     with pytest.raises(ValueError, match=r"notes\.pt is neither a safetensors file nor a torch\.save file"):
         load_state_dict(tmp_path / "notes.pt")
     (tmp_path / "empty.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"empty\.safetensors is neither"):
+    with pytest.raises(ValueError, match=r"cannot read \S+empty\.safetensors \(an empty file\).*download it again"):
         load_state_dict(tmp_path / "empty.safetensors")
 
 
@@ -215,3 +215,63 @@ def test_safetensors_writer_round_trip_and_abort(tmp_path):
     writer.file = type("Broken", (), {"close": lambda self: (_ for _ in ()).throw(OSError("disk full"))})()
     writer.abort()
     assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "zip", "legacy"])
+@pytest.mark.parametrize("cut", ["half", "header", "empty"])
+def test_truncated_files_are_refused_naming_the_file_and_the_fix(tmp_path, visual, fmt, cut):
+    from pipeline.zoo.store import load_encoder_state, load_head
+
+    whole = tmp_path / "whole"
+    if fmt == "safetensors":
+        save_state_dict(visual, whole)
+    else:
+        torch.save(visual, whole, _use_new_zipfile_serialization=fmt == "zip")
+    data = whole.read_bytes()
+    bad = tmp_path / "cut.bin"
+    bad.write_bytes(data[: {"half": len(data) // 2, "header": 20, "empty": 0}[cut]])
+    fix = r"cannot read \S+cut\.bin .*truncated or damaged.*rebuild it .* or download it again"
+    readers = [load_state_dict, lambda p: load_state_dict(p, trust_pickles=True)]
+    if fmt == "safetensors":  # the pipeline's own files
+        readers += [load_encoder_state, load_head, ckpt.load_safetensors]
+    for read in readers:
+        with pytest.raises(ValueError, match=fix):
+            read(bad)
+
+
+def test_non_finite_models_are_never_written(tmp_path):
+    good = {"a": torch.ones(3), "ids": torch.arange(3)}
+    save_state_dict(good, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=r"refusing to write \S+m\.safetensors: tensor 'a' contains NaN or Inf "
+                                         r"\(1 of 3 entries\); the computation diverged"):
+        save_state_dict({**good, "a": torch.tensor([1.0, float("nan"), 2.0])}, tmp_path / "m.safetensors")
+    assert torch.equal(load_file(tmp_path / "m.safetensors")["a"], torch.ones(3))  # the old file stays
+    specs = [("a", torch.float16, (4,)), ("b", torch.float32, (2,))]
+    writer = SafetensorsWriter(tmp_path / "s.safetensors", specs)
+    writer.write("a", torch.ones(2, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"s\.safetensors: tensor 'a\[2:4\]' contains NaN or Inf \(1 of 2"):
+        writer.write("a", torch.tensor([1.0, float("inf")], dtype=torch.float16))
+    writer.abort()
+    writer = SafetensorsWriter(tmp_path / "s.safetensors", specs)
+    writer.write("a", torch.ones(4, dtype=torch.float16))
+    writer.write("b", torch.ones(2))
+    with pytest.raises(ValueError, match=r"tensor 'b \(patched entries\)' contains NaN or Inf"):
+        writer.close([("b", torch.tensor([1]), torch.tensor([float("nan")]))])
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]  # close removed the temporary file
+
+
+def test_safetensors_writer_on_a_full_disk_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    writer = SafetensorsWriter(tmp_path / "m.safetensors", [("a", torch.float32, (4,))])
+    writer.write("a", torch.ones(4))
+    real_close = writer.file.close
+
+    def full_disk():
+        real_close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer.file, "close", full_disk, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        writer.close()
+    assert os.listdir(tmp_path) == []

@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers.hf_clip import clip_model, pooled, vision_model
 from PIL import Image
+from safetensors.torch import save_file
 
 from pipeline.models.checkpoints import save_state_dict
 from pipeline.models.clip import SYNTHETIC_ARCH, create_model
@@ -58,7 +59,7 @@ def test_non_finite_weights_refused(saved, tmp_path):
     expected, _ = saved
     bad = {k: v.clone() for k, v in expected.items()}
     bad["logit_scale"].fill_(float("nan"))
-    save_state_dict(bad, tmp_path / "bad.safetensors")
+    save_file(bad, tmp_path / "bad.safetensors")  # as a corrupt download (the pipeline never writes one)
     with pytest.raises(ValueError, match=r"bad\.safetensors: tensor 'logit_scale' contains NaN"):
         load_pretrained_clip(SYNTHETIC_ARCH, str(tmp_path / "bad.safetensors"))
 

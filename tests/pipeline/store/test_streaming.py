@@ -123,8 +123,57 @@ def test_budget_too_small_names_the_fix(tmp_path):
         write_diffs(tmp_path / "tv.zarr", task, [("w", torch.ones(2 * 65536), torch.float32)], "base", "src", 0.25)
     store = TaskVectorStore(tmp_path / "tv.zarr", TASKS)  # blocks of 5 x 0.25 MiB
     assert Reader(store, budget_mib=4).depth == 1
-    with pytest.raises(ValueError, match="raise the budget or write the store with a smaller chunk_mib"):
+    with pytest.raises(ValueError, match=r"takes 1\.25 MiB, more than half the memory budget of 2 MiB: raise the "
+                                         r"budget \(merging\.budget_mib\) or write the store with a smaller "
+                                         r"merging\.chunk_mib"):
         Reader(store, budget_mib=2)
+    with pytest.raises(ValueError, match=r"takes 1\.25 MiB, more than half the memory budget of 512 KiB"):
+        Reader(store, budget_mib=0.5)  # not "takes 1 MiB ... of 0 MiB"
+    write_diffs(tmp_path / "small.zarr", "a", [("w", torch.ones(2 * 65536), torch.float32)], "base", "src", 0.125)
+    with pytest.raises(ValueError, match=r"a block of 1 task-vector chunks of \S+small\.zarr takes 128 KiB, more "
+                                         r"than half the memory budget of 200 KiB"):
+        Reader(TaskVectorStore(tmp_path / "small.zarr", ["a"]), budget_mib=200 / 1024)
+
+
+@pytest.mark.parametrize("how", ["fp16 overflow", "inf in the pretrained weights"])
+def test_non_finite_merges_are_refused_leaving_no_file(tmp_path, how):
+    """Checked block by block as the streamed writer writes them (the store's reader refuses
+    non-finite task vectors itself)."""
+    pre, lam = pretrained_state(), 0.3
+    if how == "fp16 overflow":
+        lam = 1e6
+    else:
+        pre["extra"] = torch.tensor([0.0, float("inf")])  # outside the store: copied
+    store = make_store(tmp_path / "tv.zarr", task_vectors(), chunk_elems=23)
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(ValueError, match=r"refusing to write \S+merged\.safetensors: tensor '[\w.]+(\[\d+:\d+\])?' "
+                                         r"contains NaN or Inf \(\d+ of \d+ entries\); the computation diverged"):
+        registry.method("task_arithmetic").run(Inputs(pre, TASKS, store), registry.method(
+            "task_arithmetic").configure(lam=lam)).save(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tv.zarr"]
+
+
+def test_a_full_disk_leaves_no_temporary(tmp_path, monkeypatch):
+    """ENOSPC mid-merge: the write fails, and so does closing the file (its buffer cannot be
+    flushed); the temporary file is removed all the same."""
+    import errno
+
+    from pipeline.models.checkpoints import SafetensorsWriter
+
+    store = make_store(tmp_path / "tv.zarr", task_vectors(), chunk_elems=23)
+    real_write, calls = SafetensorsWriter.write, []
+
+    def write(self, name, values):
+        calls.append(name)
+        if len(calls) == 5:
+            self.file.close = lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, name, values)
+
+    monkeypatch.setattr(SafetensorsWriter, "write", write)
+    with pytest.raises(OSError, match="No space left"):
+        merge_to_file(store, Linear([0.3] * 5), pretrained_state(), tmp_path / "merged.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tv.zarr"]
 
 
 PROBE = r"""

@@ -40,6 +40,7 @@ rule analysis_sensitivity:
         mem_mb=4000,
         runtime=60,
     params:
+        budget=config["merging"]["budget_mib"],
         data=data_args(TASKS),
         zoo=zoo_json(),
         settings=json.dumps({m: json.loads(merge_settings(m)) for m in SEARCH_METHODS}),
@@ -47,7 +48,7 @@ rule analysis_sensitivity:
         batch=config["evaluation"]["batch_size"],
         code=code_version("analysis-sensitivity", *SEARCH_METHODS),
     shell:
-        "adamerge analysis-sensitivity --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "adamerge analysis-sensitivity --budget-mib {params.budget} --zoo {params.zoo:q} --pretrained {input.pretrained} "
         "--task-vectors {input.store} --heads {input.heads} --data {params.data} --search {input.search} "
         "--references {input.references} --settings {params.settings:q} {params.test} "
         "--batch-size {params.batch} --out {output.table} --figure {output.figure} "
@@ -171,6 +172,7 @@ rule analysis_surrogate:
         mem_mb=4000,
         runtime=30,
     params:
+        budget=config["merging"]["budget_mib"],
         data=data_args(TASKS),
         zoo=zoo_json(),
         lambdas=analysis_cfg("surrogate")["lambdas"],
@@ -178,7 +180,7 @@ rule analysis_surrogate:
         batch=config["evaluation"]["batch_size"],
         code=code_version("analysis-surrogate"),
     shell:
-        "adamerge analysis-surrogate --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "adamerge analysis-surrogate --budget-mib {params.budget} --zoo {params.zoo:q} --pretrained {input.pretrained} "
         "--task-vectors {input.store} --heads {input.heads} --data {params.data} "
         "--lambdas {params.lambdas} --max-samples {params.max_samples} --batch-size {params.batch} "
         "--out {output.samples} --spearman-out {output.spearman} --figure {output.figure} "
@@ -208,6 +210,7 @@ rule analysis_robustness_run:
         runtime=120,
         gpu=ADAMERGING["gpus"],
     params:
+        budget=config["merging"]["budget_mib"],
         data=data_args(ROBUST_TASKS),
         zoo=zoo_json(),
         severity=analysis_cfg("robustness")["severity"],
@@ -219,7 +222,7 @@ rule analysis_robustness_run:
         batch=config["evaluation"]["batch_size"],
         code=code_version("analysis-robustness"),
     shell:
-        "adamerge analysis-robustness --zoo {params.zoo:q} --pretrained {input.pretrained} "
+        "adamerge analysis-robustness --budget-mib {params.budget} --zoo {params.zoo:q} --pretrained {input.pretrained} "
         "--task-vectors {input.store} --finetuned {input.finetuned} --heads {input.heads} "
         "--data {params.data} --corruption {wildcards.corruption} --severity {params.severity} "
         "--variant {params.variant} --adamerging {params.adamerging:q} --lambdas {params.lambdas:q} "
@@ -280,6 +283,7 @@ rule analysis_unseen_run:
         runtime=120,
         gpu=lambda wc: 0 if wc.approach == "baselines" else ADAMERGING["gpus"],
     params:
+        budget=config["merging"]["budget_mib"],
         data=data_args(UNSEEN_ALL),
         zoo=zoo_json(),
         seen=SEEN_TASKS,
@@ -292,7 +296,7 @@ rule analysis_unseen_run:
         batch=config["evaluation"]["batch_size"],
         code=code_version("analysis-unseen"),
     shell:
-        "adamerge analysis-unseen --zoo {params.zoo:q} --variant {wildcards.approach} "
+        "adamerge analysis-unseen --budget-mib {params.budget} --zoo {params.zoo:q} --variant {wildcards.approach} "
         "--pretrained {input.pretrained} --task-vectors {input.store} --finetuned {input.finetuned} "
         "--heads {input.heads} --data {params.data} --tasks {params.tasks} --seen {params.seen} "
         "--unseen {params.unseen} --adamerging {params.adamerging:q} --lambdas {params.lambdas:q} "

@@ -1,5 +1,6 @@
 """Config validation: bad keys or values fail before any job runs, naming the key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,109 @@ def test_schema_defaults_are_the_settings_defaults():
             assert key in fields, f"merging.{name}.{key} is not a setting of {spec.name}"
             default = prop["default"]
             assert (tuple(default) if isinstance(default, list) else default) == fields[key], f"merging.{name}.{key}"
+
+
+HOSTILE = ["x||touch INJECTED||x", "$(touch INJECTED)", "a b", "a;b", "`id`", "-rf", "--help", "../up", "a/b", ""]
+
+
+@pytest.mark.parametrize("where", ["zoo.tasks", "zoo.heldout_tasks", "analysis.unseen.tasks",
+                                   "analysis.robustness.tasks"])
+@pytest.mark.parametrize("name", HOSTILE)
+def test_task_names_that_could_reach_a_shell_are_refused(where, name):
+    """Every task name is a plain name (it names files and reaches command lines): before,
+    `analysis.unseen.tasks: ["x||touch INJECTED||x"]` passed the schema and ran `touch`."""
+    cfg = load("micro.yaml")
+    section, _, key = where.rpartition(".")
+    node = cfg
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[key] = [name]
+    with pytest.raises(WorkflowError) as err:
+        validate(cfg, SCHEMA)
+    assert f"[{key!r}][0]" in str(err.value) and section.split(".")[-1] in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "a/b", "../../etc", "a b", "x;y", ""])
+def test_zoo_names_stay_inside_results(name):
+    """zoo.name makes results/{name}, resources/models/{name}: ``..`` wrote outside results/."""
+    cfg = load("micro.yaml")
+    cfg["zoo"]["name"] = name
+    with pytest.raises(WorkflowError) as err:
+        validate(cfg, SCHEMA)
+    assert "['zoo']['name']" in str(err.value)
+
+
+@pytest.mark.parametrize("revision", ["main; touch X", "$(id)", "-x", "../../x", "a b", ""])
+def test_hub_revisions_are_plain_names(revision):
+    cfg = load("fusionbench_vit_b32.yaml")
+    cfg["zoo"]["datasets"]["revisions"] = {"DTD": revision}
+    with pytest.raises(WorkflowError) as err:
+        validate(cfg, SCHEMA)
+    assert "revisions" in str(err.value)
+    cfg = load("fusionbench_vit_b32.yaml")
+    cfg["zoo"]["datasets"]["revisions"] = {"DTD": "refs/pr/1", "MNIST": "0123abcd" * 5}
+    validate(cfg, SCHEMA)
+
+
+def test_a_hostile_task_name_fails_the_dry_run_before_any_job(tmp_path: Path):
+    cfg = load("micro.yaml")
+    cfg["analysis"]["unseen"]["tasks"] = ["x||touch INJECTED||x"]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--configfile", "bad.yaml", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "['analysis']['unseen']['tasks'][0]" in proc.stdout + proc.stderr
+    assert not (tmp_path / "INJECTED").exists() and not (tmp_path / "resources").exists()
+
+
+def shell_commands() -> dict[str, str]:
+    """rule -> its shell command as written in workflow/rules/*.smk (the string literals
+    under ``shell:``, joined)."""
+    out = {}
+    for smk in sorted((REPO / "workflow/rules").glob("*.smk")):
+        rule, lines, block = None, [], None
+        for line in smk.read_text().splitlines() + [""]:
+            if m := re.match(r"\s*rule (\w+):", line):
+                rule = m[1]
+            if block is not None:
+                if line.strip().startswith('"') and len(line) - len(line.lstrip()) > block:
+                    lines.append(line.strip().strip('"'))
+                    continue
+                out[rule], block, lines = "".join(lines), None, []
+            if re.match(r"\s*shell:\s*$", line):
+                block = len(line) - len(line.lstrip())
+    return out
+
+
+def test_every_value_a_shell_command_formats_is_quoted():
+    """Each ``{...}`` of every rule's shell command carries ``:q`` (lists: each item quoted),
+    but ``{threads}``, an integer Snakemake sets."""
+    commands = shell_commands()
+    assert len(commands) >= 25 and "analysis_unseen_run" in commands
+    unquoted = {rule: fields for rule, cmd in commands.items()
+                if (fields := [f for f in re.findall(r"(?<!\{)\{([^{}]+)\}(?!\})", cmd)
+                               if f != "threads" and not f.endswith(":q")])}
+    assert not unquoted
+
+
+def test_paths_with_shell_characters_reach_the_commands_as_one_argument(tmp_path: Path):
+    """Local checkpoint and pretrained paths are free-form: they reach the command lines
+    quoted, one argument each (shown by a dry run's printed commands)."""
+    import shlex
+
+    cfg = load("vit_b32.yaml")
+    cfg["zoo"]["tasks"] = ["EuroSAT", "DTD"]
+    paths = {"EuroSAT": "ckpt dir/$(touch INJECTED);x.pt", "DTD": "it's `id`.pt"}
+    for path in paths.values():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).touch()
+    (tmp_path / "pre trained;x.pt").touch()
+    cfg["zoo"]["checkpoints"] = {"paths": paths}
+    cfg["zoo"]["pretrained"] = "pre trained;x.pt"
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "-p", "--configfile", "run.yaml", cwd=tmp_path)
+    commands = [shlex.split(line.split(":", 1)[1]) for line in proc.stdout.splitlines()
+                if re.match(r"\s*Shell command: adamerge import-", line)]
+    assert len(commands) == 3
+    given = {argv[argv.index(flag) + 1] for argv in commands for flag in ("--checkpoint", "--source") if flag in argv}
+    assert given == {*paths.values(), "pre trained;x.pt"}
+    assert not (tmp_path / "INJECTED").exists()

@@ -148,8 +148,8 @@ def is_path(source):
 
 
 def local_files(path):
-    """A local checkpoint as rule inputs: the file, or every file of a folder (a Hugging Face
-    save_pretrained directory), so that a replaced checkpoint reruns its import."""
+    """A local checkpoint as the inputs of its import (the file, or every file of a folder,
+    a Hugging Face save_pretrained directory), so that a replaced checkpoint reruns it."""
     folder = Path(path)
     if folder.is_dir():
         return sorted(str(f) for f in folder.iterdir() if f.is_file())
@@ -184,10 +184,11 @@ def pretrained_source():
     return local_files(PRETRAINED) if is_path(PRETRAINED) else []
 
 
+# The *_args helpers return argument lists: the rules quote each item (`{params.source:q}`).
 def pretrained_args():
     if isinstance(PRETRAINED, dict):
-        return f"--manifest {DOWNLOADS}/pretrained.json"
-    return f"--source {shlex.quote(PRETRAINED)}"
+        return ["--manifest", f"{DOWNLOADS}/pretrained.json"]
+    return ["--source", PRETRAINED]
 
 
 def finetuned_source(task):
@@ -199,8 +200,8 @@ def finetuned_source(task):
 def finetuned_args(task):
     path = checkpoint_path(task)
     if path is None:
-        return f"--manifest {DOWNLOADS}/finetuned/{task}.json"
-    return f"--checkpoint {shlex.quote(path)}"
+        return ["--manifest", f"{DOWNLOADS}/finetuned/{task}.json"]
+    return ["--checkpoint", path]
 
 
 def dataset_source(task):
@@ -209,7 +210,7 @@ def dataset_source(task):
 
 
 def dataset_args(task):
-    return f"--manifest {DATA}/downloads/{task}.json" if HUB_DATA else ""
+    return ["--manifest", f"{DATA}/downloads/{task}.json"] if HUB_DATA else []
 
 
 def dataset_repo(task):
@@ -232,7 +233,7 @@ def dataset_patterns(task):
         for s in splits
         for p in (f"{s}-*.parquet", f"{s}.parquet", f"{s}/*.parquet")
     ]
-    return " ".join(shlex.quote(p) for p in patterns)
+    return patterns
 
 
 # Training images decoded per task: what Fisher merging and RegMean read.

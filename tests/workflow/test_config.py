@@ -73,6 +73,10 @@ def test_schema_lists_match_their_one_source():
     assert analysis["unseen"]["properties"]["variants"]["default"] == variants
     assert analysis["robustness"]["properties"]["corruptions"]["items"]["enum"] == list(CORRUPTIONS)
     assert analysis["robustness"]["properties"]["corruptions"]["default"] == list(CORRUPTIONS)
+    from pipeline.merging.adamerging import PRECISIONS
+
+    precision = yaml.safe_load(Path(SCHEMA).read_text())["$defs"]["adamerging"]["properties"]["precision"]
+    assert precision["enum"] == list(PRECISIONS)
 
 
 def test_schema_defaults_are_the_settings_defaults():
@@ -200,3 +204,87 @@ def test_paths_with_shell_characters_reach_the_commands_as_one_argument(tmp_path
     given = {argv[argv.index(flag) + 1] for argv in commands for flag in ("--checkpoint", "--source") if flag in argv}
     assert given == {*paths.values(), "pre trained;x.pt"}
     assert not (tmp_path / "INJECTED").exists()
+
+
+def schema_nodes(node, where="#"):
+    """(JSON pointer, subschema) of every schema node under ``node``."""
+    if isinstance(node, dict):
+        yield where, node
+        for key, value in node.items():
+            if key in ("properties", "$defs"):
+                for name, sub in value.items():
+                    yield from schema_nodes(sub, f"{where}/{key}/{name}")
+            elif key in ("items", "additionalProperties", "propertyNames", "then", "else"):  # an `if` is a test, no object
+                yield from schema_nodes(value, f"{where}/{key}")
+            elif key in ("oneOf", "anyOf", "allOf"):
+                for i, sub in enumerate(value):
+                    yield from schema_nodes(sub, f"{where}/{key}/{i}")
+
+
+def test_every_object_of_the_schema_is_closed():
+    """No object takes keys it does not name (a typo like ``stesp: 150`` would be ignored):
+    each has ``additionalProperties: false``, is a map with named keys (``propertyNames``),
+    or is a $defs fragment closed where it is used (``unevaluatedProperties: false``)."""
+    schema = yaml.safe_load(Path(SCHEMA).read_text())
+    fragments = {f"#/$defs/{name}" for name, d in schema["$defs"].items()
+                 if d.get("type") == "object" and "additionalProperties" not in d}
+    open_objects, open_uses = [], []
+    for where, node in schema_nodes(schema):
+        if node.get("$ref") in fragments and node.get("unevaluatedProperties") is not False:
+            open_uses.append(where)
+        is_object = node.get("type") == "object" or "properties" in node or "$ref" in node and node["$ref"] in fragments
+        if not is_object or where in fragments or where == "#/$defs":
+            continue
+        extra = node.get("additionalProperties")
+        closed = (extra is False or node.get("unevaluatedProperties") is False
+                  or isinstance(extra, dict) and "propertyNames" in node)
+        if not closed:
+            open_objects.append(where)
+    assert not open_objects and not open_uses
+    assert fragments == {"#/$defs/adamerging", "#/$defs/training"}
+
+
+@pytest.mark.parametrize("section", ["merging.adamerging", "analysis.robustness.adamerging",
+                                     "analysis.unseen.adamerging", "analysis.pem.adamerging",
+                                     "analysis.pem.lora", "zoo.synthetic.pretrain", "zoo.synthetic.finetune",
+                                     "analysis.surrogate", "zoo.images"])
+def test_a_typo_anywhere_is_refused_naming_it(section):
+    cfg = load("micro.yaml")
+    node = cfg
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node["stesp"] = 150
+    with pytest.raises(WorkflowError) as err:
+        validate(cfg, SCHEMA)
+    assert "'stesp' was unexpected" in str(err.value)
+    assert "".join(f"[{p!r}]" for p in section.split(".")) in str(err.value)
+
+
+def test_overrides_take_the_method_settings_and_stay_partial():
+    """analysis.*.adamerging take the keys of AdaMerging's settings (the one $defs fragment
+    merging.adamerging also uses), not the workflow's job keys; validate fills no defaults
+    into them. zoo.synthetic's schedules and analysis.pem.lora share the training fragment,
+    whose keys are the multi-task settings (the joint training gets zoo.synthetic.finetune)."""
+    import dataclasses
+
+    from pipeline.merging import registry
+
+    schema = yaml.safe_load(Path(SCHEMA).read_text())
+    settings = [f.name for f in dataclasses.fields(registry.method("adamerging_task_wise").settings)]
+    assert list(schema["$defs"]["adamerging"]["properties"]) == settings
+    merging = schema["properties"]["merging"]["properties"]["adamerging"]["properties"]
+    assert list(merging) == settings + ["max_images", "gpus"]
+    training = [f.name for f in dataclasses.fields(registry.method("multitask").settings)]
+    assert list(schema["$defs"]["training"]["properties"]) == training
+
+    cfg = load("micro.yaml")
+    cfg["analysis"]["unseen"]["adamerging"] = {"lr": 0.01}
+    validate(cfg, SCHEMA)
+    assert cfg["analysis"]["unseen"]["adamerging"] == {"lr": 0.01}
+    assert cfg["analysis"]["robustness"]["adamerging"] == {"steps": 20}
+    assert cfg["analysis"]["pem"]["lora"] == {"steps": 60, "lr": 2.0e-3, "rank": 4, "alpha": 8.0}
+    for name in ("robustness", "unseen", "pem"):
+        cfg = load("micro.yaml")
+        cfg["analysis"][name]["adamerging"] = {"gpus": 2}
+        with pytest.raises(WorkflowError, match="'gpus' was unexpected"):
+            validate(cfg, SCHEMA)

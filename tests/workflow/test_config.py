@@ -288,3 +288,75 @@ def test_overrides_take_the_method_settings_and_stay_partial():
         cfg["analysis"][name]["adamerging"] = {"gpus": 2}
         with pytest.raises(WorkflowError, match="'gpus' was unexpected"):
             validate(cfg, SCHEMA)
+
+
+def schema_branches(schema: dict, node: dict) -> list[dict]:
+    """``node`` and what it composes ($ref, oneOf, anyOf, allOf), recursively."""
+    out = [node]
+    if "$ref" in node:
+        target = schema
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        out += schema_branches(schema, target)
+    for key in ("oneOf", "anyOf", "allOf"):
+        for sub in node.get(key, []):
+            out += schema_branches(schema, sub)
+    return out
+
+
+def schema_at(schema: dict, dotted: str) -> list[dict]:
+    """The subschemas of config key ``dotted`` (``merging.adamerging.precision``); [] when the
+    schema has no such key."""
+    nodes = [schema]
+    for part in dotted.split("."):
+        nodes = [b["properties"][part] for n in nodes for b in schema_branches(schema, n)
+                 if part in b.get("properties", {})]
+    return [b for n in nodes for b in schema_branches(schema, n)]
+
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+NOT_CONFIG = {"merging.scaled_average"}  # docs/architecture.md: a method one would add, with its section
+
+
+def test_every_documented_config_key_is_accepted():
+    """Keys the README and docs/ name (``merging.adamerging.precision: bf16``, the methods
+    table's ``k: 20``, the Hub section's ``revision:`` ...) are in the schema, with the
+    documented value accepted and the documented default the schema's."""
+    schema = yaml.safe_load(Path(SCHEMA).read_text())
+    cfg = load("fusionbench_vit_b32.yaml")
+    seen = 0
+    for doc in DOCS:
+        text = doc.read_text()
+        for m in re.finditer(r"`((?:zoo|merging|analysis|evaluation)(?:\.\w+)+)(?:: ([^`]*))?`", text):
+            key, value = m[1], m[2]
+            if key in NOT_CONFIG or key.endswith(".smk"):
+                continue
+            assert schema_at(schema, key), f"{doc.name}: `{key}` is not a config key"
+            seen += 1
+            if value and value.startswith("{"):  # `merging.storage: {dtype, codec, level}`
+                for sub in value.strip("{}").split(","):
+                    assert schema_at(schema, f"{key}.{sub.strip()}"), f"{doc.name}: {key}.{sub.strip()}"
+            elif value:
+                *parents, leaf = key.split(".")
+                node = cfg
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = yaml.safe_load(value)
+    validate(cfg, SCHEMA)  # the documented values, together
+    assert cfg["merging"]["adamerging"]["precision"] == "bf16"
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| method | settings"):readme.index("The lambda grid results")]
+    for method, settings in re.findall(r"^\| `(\w+)` \| (.*) \|$", table, re.M):
+        for key, value in re.findall(r"`(\w+): ([^`]+)`", settings):
+            prop = schema_at(schema, f"merging.{method}.{key}")
+            assert prop, f"README: merging.{method}.{key} is not a config key"
+            assert prop[0]["default"] == yaml.safe_load(value.replace("1e-6", "1.0e-6")), f"README: {method}.{key}"
+            seen += 1
+    hub = readme[readme.index("## Reproduce the paper"):readme.index("## Configurations")]
+    zoo_keys = list(schema["properties"]["zoo"]["properties"])
+    for key in re.findall(r"`(\w+):`", hub):  # `revision:` is a key of zoo.pretrained, zoo.datasets, ...
+        assert any(schema_at(schema, k) for k in [f"zoo.{key}"] + [f"zoo.{z}.{key}" for z in zoo_keys]), \
+            f"README: {key} is no key of zoo"
+        seen += 1
+    assert seen >= 20

@@ -12,7 +12,7 @@ sys.path.insert(
     0, workflow.basedir
 )  # the project's own packages, whatever the working directory
 
-from pipeline import cli, provenance
+from pipeline import cli, config_checks, provenance
 from pipeline.merging import registry
 from pipeline.merging.contract import Need
 
@@ -27,6 +27,9 @@ if "tasks" not in ZOO_CFG:  # the suite's tasks
     from pipeline.data import suites
 
     ZOO_CFG["tasks"] = [t.name for t in suites.suite(ZOO_CFG["suite"])]
+# What JSON Schema cannot say (orders, sizes from several keys, task references), refused
+# before any job with each key and its fix (pipeline/config_checks.py).
+config_checks.check(config)
 TASKS = list(ZOO_CFG["tasks"])
 HELDOUT = list(ZOO_CFG["heldout_tasks"])
 ALL_TASKS = TASKS + HELDOUT
@@ -92,12 +95,6 @@ if not SYNTHETIC and not HUB_DATA:
             f"{list(PAPER_DATASETS)}); set `datasets: {{source: hub}}` to read every suite task from the Hub"
         )
 
-overlap = sorted(set(TASKS) & set(HELDOUT))
-if overlap:
-    raise ValueError(
-        f"config: zoo.heldout_tasks {overlap} also appear in zoo.tasks; a task is either merged or held out"
-    )
-
 
 def zoo_json(*sections):
     """The zoo settings that a job depends on, as JSON. It holds the identity keys and the
@@ -148,8 +145,8 @@ def is_path(source):
 
 
 def local_files(path):
-    """A local checkpoint as the inputs of its import (the file, or every file of a folder,
-    a Hugging Face save_pretrained directory), so that a replaced checkpoint reruns it."""
+    """A local checkpoint as the inputs of its import (the file, or every file of a
+    folder: a Hugging Face save_pretrained directory); a replaced one reruns it."""
     folder = Path(path)
     if folder.is_dir():
         return sorted(str(f) for f in folder.iterdir() if f.is_file())

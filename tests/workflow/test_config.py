@@ -86,7 +86,15 @@ def test_schema_lists_match_their_one_source():
     assert analysis["unseen"]["properties"]["variants"]["default"] == variants
     assert analysis["robustness"]["properties"]["corruptions"]["items"]["enum"] == list(CORRUPTIONS)
     assert analysis["robustness"]["properties"]["corruptions"]["default"] == list(CORRUPTIONS)
+    from pipeline.data.synthetic import ATTRIBUTES
     from pipeline.merging.adamerging import PRECISIONS
+    from pipeline.models.clip import SYNTHETIC_ARCH
+
+    schema = yaml.safe_load(Path(SCHEMA).read_text())
+    assert schema["$defs"]["synthetic_task"]["enum"] == list(ATTRIBUTES)
+    synthetic = schema["properties"]["zoo"]["allOf"][0]
+    assert synthetic["if"]["properties"]["source"]["const"] == "synthetic"
+    assert synthetic["then"]["properties"]["arch"]["const"] == SYNTHETIC_ARCH
 
     precision = yaml.safe_load(Path(SCHEMA).read_text())["$defs"]["adamerging"]["properties"]["precision"]
     assert precision["enum"] == list(PRECISIONS)
@@ -246,8 +254,8 @@ def test_every_object_of_the_schema_is_closed():
         if node.get("$ref") in fragments and node.get("unevaluatedProperties") is not False:
             open_uses.append(where)
         is_object = node.get("type") == "object" or "properties" in node or "$ref" in node and node["$ref"] in fragments
-        if not is_object or where in fragments or where == "#/$defs":
-            continue
+        if not is_object or where in fragments or where == "#/$defs" or where.endswith(("/then", "/else")):
+            continue  # a `then` narrows the (closed) object it sits in
         extra = node.get("additionalProperties")
         closed = (extra is False or node.get("unevaluatedProperties") is False
                   or isinstance(extra, dict) and "propertyNames" in node)
@@ -399,6 +407,8 @@ def set_key(cfg: dict, dotted: str, value) -> dict:
     ("analysis.robustness.tasks", ["colour", "digit"], "analysis.robustness.tasks: ['digit'] are no tasks of the zoo"),
     ("analysis.unseen.tasks", ["colour", "background", "stripes", "quadrant"], "analysis.unseen.tasks: ["),
     ("zoo.heldout_tasks", ["colour"], "zoo.heldout_tasks: ['colour'] also appear in zoo.tasks"),
+    ("zoo.tasks", ["colour", "nope"], "On instance['zoo']['tasks'][1]"),  # no synthetic task
+    ("zoo.arch", "ViT-B-32", "On instance['zoo']['arch']"),  # the synthetic zoo has one architecture
     # numbers the jobs cannot take
     ("merging.adamerging.steps", 100.0, "merging.adamerging.steps: 100.0 is no integer; write 100"),
     ("evaluation.batch_size", 512.0, "evaluation.batch_size: 512.0 is no integer"),

@@ -163,3 +163,13 @@ def test_images_read_from_a_cache_give_the_same_run_as_tensors(zoo, tmp_path):
     b = am.adamerge("layer_wise", encoder, finetuned, heads, [cache[:][0][r] for r in rows], s,
                     device="cpu", progress=False)
     assert a.entropy == b.entropy and torch.equal(a.lambdas, b.lambdas)
+
+
+def test_the_optimizer_takes_integer_betas_from_a_config():
+    """``betas: [0, 0.999]`` configures (the schema takes numbers); Adam itself refuses a
+    mix of int and float betas, so they are passed as floats."""
+    from types import SimpleNamespace
+
+    settings = registry.method("adamerging_task_wise").configure({"betas": [0, 0.999], "lr": 1})
+    opt = am.lambda_optimizer(SimpleNamespace(lambda_raw=torch.nn.Parameter(torch.zeros(2, 1))), settings)
+    assert opt.defaults["betas"] == (0.0, 0.999)

@@ -79,8 +79,11 @@ def integers_written_as_floats(config: Mapping[str, Any], schema: str | Path) ->
     out = []
     for err in strict.iter_errors(config):
         key = dotted(err.absolute_path)
-        if isinstance(err.instance, float) and err.instance.is_integer():
-            out.append(f"{key}: {err.instance!r} is no integer; write {int(err.instance)}")
+        value = err.instance
+        if isinstance(value, float) and value.is_integer() and abs(value) <= INT_MAX:
+            out.append(f"{key}: {value!r} is no integer; write {int(value)}")
+        elif isinstance(value, float) and value.is_integer():
+            out.append(f"{key}: {value!r} is no integer; give an integer of at most {INT_MAX}")
         else:
             out.append(f"{key}: {err.message}")
     return sorted(set(out))
@@ -120,8 +123,8 @@ def lambda_grid(config: Mapping[str, Any]) -> list[str]:
     n = grid_points(start, stop, step)
     if n > MAX_GRID_POINTS:
         least = (stop - start) / (MAX_GRID_POINTS - 1)
-        return [f"merging.lambda_grid.step: {step} makes {n:g} lambdas from {start} to {stop}, more than "
-                f"{MAX_GRID_POINTS} (each a merge and an evaluation); give a step of at least {least:.3g}"]
+        return [(f"merging.lambda_grid.step: {step} makes {n:g} lambdas from {start} to {stop}, more than "
+                 f"{MAX_GRID_POINTS} (each a merge and an evaluation); give a step of at least {least:.3g}")]
     return []
 
 
@@ -184,8 +187,8 @@ def synthetic(config: Mapping[str, Any]) -> list[str]:
         return []
     pretrain = config["zoo"]["synthetic"]["pretrain"]
     if pretrain["batch_size"] > pretrain["corpus"]:
-        return [f"zoo.synthetic.pretrain.batch_size: {pretrain['batch_size']} is more than the corpus of "
-                f"{pretrain['corpus']} images a batch is drawn from; give batch_size <= corpus"]
+        return [(f"zoo.synthetic.pretrain.batch_size: {pretrain['batch_size']} is more than the corpus of "
+                 f"{pretrain['corpus']} images a batch is drawn from; give batch_size <= corpus")]
     return []
 
 

@@ -6,8 +6,8 @@ or accepted, and then the jobs' own code must accept it too: the method settings
 ``configure``, Adam's argument checks, the lambda grid, the store writer and reader, the
 synthetic renderer, LoRA, the corruptions, the command line's number parsing.
 
-Most cases are judged in process, as common.smk judges them (``validate`` and
-``config_checks.problems``); a few also run ``snakemake -n``, which must agree, and every
+Most cases are judged in process, as common.smk judges them (``validate``, then
+``config_checks.problems``: helpers.config.refusal); a few also run ``snakemake -n``, which must agree, and every
 command line the accepted dry runs print must parse with its verb's own parser.
 """
 
@@ -26,14 +26,11 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from helpers.workflow import REPO, snakemake
-from snakemake.exceptions import WorkflowError
+from helpers.config import SCHEMA, load, refusal
+from helpers.workflow import snakemake
 from snakemake.utils import validate
 
-from pipeline import config_checks
-
-SCHEMA = str(REPO / "workflow/schemas/config.schema.yaml")
-MICRO = yaml.safe_load((REPO / "config/micro.yaml").read_text())
+MICRO = load("micro.yaml")
 SEED = 20240917
 KINDS = {"type": 8, "range": 10, "unknown": 5, "hostile": 6, "empty": 3, "order": 5, "drop": 3}  # 40 cases
 DRY_RUNS = 2  # accepted and as many refused cases also run `snakemake -n`
@@ -130,15 +127,6 @@ def mutated(path: tuple, value) -> dict:
     else:
         node[path[-1]] = value
     return cfg
-
-
-def refusal(cfg: dict) -> str | None:
-    """Why the workflow refuses ``cfg`` (as common.smk judges it), None when it passes."""
-    try:
-        validate(cfg, SCHEMA)
-    except WorkflowError as err:
-        return str(err)
-    return "\n".join(config_checks.problems(cfg)) or None
 
 
 def names_the_key(message: str, kind: str, path: tuple) -> bool:

@@ -141,7 +141,8 @@ def lambda_optimizer(model: FusedMerge, settings: Settings) -> torch.optim.Adam:
     """Adam over the raw coefficients, fused (one kernel for the whole update) on CPU and
     CUDA: the default for-each Adam costs about 1 ms a step on the CPU for these few values."""
     fused = model.lambda_raw.device.type in ("cpu", "cuda") or None
-    return torch.optim.Adam([model.lambda_raw], lr=settings.lr, betas=settings.betas, fused=fused)
+    betas = tuple(float(b) for b in settings.betas)  # a config's [0, 0.999]: Adam refuses mixed int/float
+    return torch.optim.Adam([model.lambda_raw], lr=settings.lr, betas=betas, fused=fused)
 
 
 def task_vector_matrix(layout: FlatLayout, base: torch.Tensor, finetuned: Sequence[StateDict]) -> torch.Tensor:

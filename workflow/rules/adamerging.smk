@@ -42,11 +42,11 @@ rule adamerging:
         max_images=ADAMERGING["max_images"],
         code=lambda wc: code_version("adamerge", f"adamerging_{wc.variant}"),
     shell:
-        "adamerge adamerge --zoo {params.zoo:q} --variant {wildcards.variant} "
-        "--pretrained {input.pretrained} --finetuned {input.finetuned} --heads {input.heads} "
-        "--tasks {params.tasks} --data {params.data} --settings {params.settings:q} "
-        "--max-images {params.max_images} --out {output.model} --lambdas {output.lambdas} "
-        "--entropy {output.entropy} --threads {threads} > {log} 2>&1"
+        "adamerge adamerge --zoo {params.zoo:q} --variant {wildcards.variant:q} "
+        "--pretrained {input.pretrained:q} --finetuned {input.finetuned:q} --heads {input.heads:q} "
+        "--tasks {params.tasks:q} --data {params.data:q} --settings {params.settings:q} "
+        "--max-images {params.max_images:q} --out {output.model:q} --lambdas {output.lambdas:q} "
+        "--entropy {output.entropy:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule evaluate_adamerging:
@@ -76,7 +76,7 @@ rule evaluate_adamerging:
         batch=config["evaluation"]["batch_size"],
         code=code_version("evaluate"),
     shell:
-        "adamerge evaluate --zoo {params.zoo:q} --model adamerging_{wildcards.variant} "
-        "--method adamerging_{wildcards.variant} --pretrained {input.pretrained} --encoder {input.encoder} "
-        "--tasks {params.tasks} --heads {input.heads} --data {params.data} --batch-size {params.batch} "
-        "--out {output} --threads {threads} > {log} 2>&1"
+        "adamerge evaluate --zoo {params.zoo:q} --model adamerging_{wildcards.variant:q} "
+        "--method adamerging_{wildcards.variant:q} --pretrained {input.pretrained:q} --encoder {input.encoder:q} "
+        "--tasks {params.tasks:q} --heads {input.heads:q} --data {params.data:q} --batch-size {params.batch:q} "
+        "--out {output:q} --threads {threads} > {log:q} 2>&1"

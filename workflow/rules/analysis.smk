@@ -44,15 +44,15 @@ rule analysis_sensitivity:
         data=data_args(TASKS),
         zoo=zoo_json(),
         settings=json.dumps({m: json.loads(merge_settings(m)) for m in SEARCH_METHODS}),
-        test="--test" if analysis_cfg("sensitivity")["test"] else "",
+        test=["--test"] if analysis_cfg("sensitivity")["test"] else [],
         batch=config["evaluation"]["batch_size"],
         code=code_version("analysis-sensitivity", *SEARCH_METHODS),
     shell:
-        "adamerge analysis-sensitivity --budget-mib {params.budget} --zoo {params.zoo:q} --pretrained {input.pretrained} "
-        "--task-vectors {input.store} --heads {input.heads} --data {params.data} --search {input.search} "
-        "--references {input.references} --settings {params.settings:q} {params.test} "
-        "--batch-size {params.batch} --out {output.table} --figure {output.figure} "
-        "--threads {threads} > {log} 2>&1"
+        "adamerge analysis-sensitivity --budget-mib {params.budget:q} --zoo {params.zoo:q} --pretrained {input.pretrained:q} "
+        "--task-vectors {input.store:q} --heads {input.heads:q} --data {params.data:q} --search {input.search:q} "
+        "--references {input.references:q} --settings {params.settings:q} {params.test:q} "
+        "--batch-size {params.batch:q} --out {output.table:q} --figure {output.figure:q} "
+        "--threads {threads} > {log:q} 2>&1"
 
 
 rule analysis_coefficients:
@@ -93,9 +93,9 @@ rule analysis_coefficients:
     params:
         code=code_version("analysis-coefficients"),
     shell:
-        "adamerge analysis-coefficients --lambdas {input.lambdas} "
-        "--entropy {input.entropy} --out {output.table} --layer-figure {output.layer} "
-        "--task-figure {output.task} --entropy-figure {output.entropy} > {log} 2>&1"
+        "adamerge analysis-coefficients --lambdas {input.lambdas:q} "
+        "--entropy {input.entropy:q} --out {output.table:q} --layer-figure {output.layer:q} "
+        "--task-figure {output.task:q} --entropy-figure {output.entropy:q} > {log:q} 2>&1"
 
 
 DISTANCE_MODELS = (
@@ -141,10 +141,10 @@ rule analysis_distances:
         models=[f"{k}={v}" for k, v in DISTANCE_MODELS.items()],
         code=code_version("analysis-distances"),
     shell:
-        "adamerge analysis-distances --zoo {params.zoo:q} --pretrained {input.pretrained} "
-        "--models {params.models} --task-vectors {input.store} --out {output.table} "
-        "--figure {output.figure} --cosine-out {output.cosine} "
-        "--cosine-figure {output.cosine_figure} > {log} 2>&1"
+        "adamerge analysis-distances --zoo {params.zoo:q} --pretrained {input.pretrained:q} "
+        "--models {params.models:q} --task-vectors {input.store:q} --out {output.table:q} "
+        "--figure {output.figure:q} --cosine-out {output.cosine:q} "
+        "--cosine-figure {output.cosine_figure:q} > {log:q} 2>&1"
 
 
 rule analysis_surrogate:
@@ -180,11 +180,11 @@ rule analysis_surrogate:
         batch=config["evaluation"]["batch_size"],
         code=code_version("analysis-surrogate"),
     shell:
-        "adamerge analysis-surrogate --budget-mib {params.budget} --zoo {params.zoo:q} --pretrained {input.pretrained} "
-        "--task-vectors {input.store} --heads {input.heads} --data {params.data} "
-        "--lambdas {params.lambdas} --max-samples {params.max_samples} --batch-size {params.batch} "
-        "--out {output.samples} --spearman-out {output.spearman} --figure {output.figure} "
-        "--threads {threads} > {log} 2>&1"
+        "adamerge analysis-surrogate --budget-mib {params.budget:q} --zoo {params.zoo:q} --pretrained {input.pretrained:q} "
+        "--task-vectors {input.store:q} --heads {input.heads:q} --data {params.data:q} "
+        "--lambdas {params.lambdas:q} --max-samples {params.max_samples:q} --batch-size {params.batch:q} "
+        "--out {output.samples:q} --spearman-out {output.spearman:q} --figure {output.figure:q} "
+        "--threads {threads} > {log:q} 2>&1"
 
 
 rule analysis_robustness_run:
@@ -222,12 +222,12 @@ rule analysis_robustness_run:
         batch=config["evaluation"]["batch_size"],
         code=code_version("analysis-robustness"),
     shell:
-        "adamerge analysis-robustness --budget-mib {params.budget} --zoo {params.zoo:q} --pretrained {input.pretrained} "
-        "--task-vectors {input.store} --finetuned {input.finetuned} --heads {input.heads} "
-        "--data {params.data} --corruption {wildcards.corruption} --severity {params.severity} "
-        "--variant {params.variant} --adamerging {params.adamerging:q} --lambdas {params.lambdas:q} "
-        "--ties {params.ties:q} --max-images {params.max_images} --batch-size {params.batch} "
-        "--out {output} --threads {threads} > {log} 2>&1"
+        "adamerge analysis-robustness --budget-mib {params.budget:q} --zoo {params.zoo:q} --pretrained {input.pretrained:q} "
+        "--task-vectors {input.store:q} --finetuned {input.finetuned:q} --heads {input.heads:q} "
+        "--data {params.data:q} --corruption {wildcards.corruption:q} --severity {params.severity:q} "
+        "--variant {params.variant:q} --adamerging {params.adamerging:q} --lambdas {params.lambdas:q} "
+        "--ties {params.ties:q} --max-images {params.max_images:q} --batch-size {params.batch:q} "
+        "--out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule analysis_robustness:
@@ -256,8 +256,8 @@ rule analysis_robustness:
     params:
         code=code_version("analysis-robustness-table"),
     shell:
-        "adamerge analysis-robustness-table --inputs {input} "
-        "--out {output.table} --figure {output.figure} > {log} 2>&1"
+        "adamerge analysis-robustness-table --inputs {input:q} "
+        "--out {output.table:q} --figure {output.figure:q} > {log:q} 2>&1"
 
 
 rule analysis_unseen_run:
@@ -296,12 +296,12 @@ rule analysis_unseen_run:
         batch=config["evaluation"]["batch_size"],
         code=code_version("analysis-unseen"),
     shell:
-        "adamerge analysis-unseen --budget-mib {params.budget} --zoo {params.zoo:q} --variant {wildcards.approach} "
-        "--pretrained {input.pretrained} --task-vectors {input.store} --finetuned {input.finetuned} "
-        "--heads {input.heads} --data {params.data} --tasks {params.tasks} --seen {params.seen} "
-        "--unseen {params.unseen} --adamerging {params.adamerging:q} --lambdas {params.lambdas:q} "
-        "--ties {params.ties:q} --max-images {params.max_images} --batch-size {params.batch} "
-        "--out {output} --threads {threads} > {log} 2>&1"
+        "adamerge analysis-unseen --budget-mib {params.budget:q} --zoo {params.zoo:q} --variant {wildcards.approach:q} "
+        "--pretrained {input.pretrained:q} --task-vectors {input.store:q} --finetuned {input.finetuned:q} "
+        "--heads {input.heads:q} --data {params.data:q} --tasks {params.tasks:q} --seen {params.seen:q} "
+        "--unseen {params.unseen:q} --adamerging {params.adamerging:q} --lambdas {params.lambdas:q} "
+        "--ties {params.ties:q} --max-images {params.max_images:q} --batch-size {params.batch:q} "
+        "--out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule analysis_unseen:
@@ -327,8 +327,8 @@ rule analysis_unseen:
     params:
         code=code_version("analysis-unseen-table"),
     shell:
-        "adamerge analysis-unseen-table --inputs {input} "
-        "--out {output.table} --figure {output.figure} > {log} 2>&1"
+        "adamerge analysis-unseen-table --inputs {input:q} "
+        "--out {output.table:q} --figure {output.figure:q} > {log:q} 2>&1"
 
 
 # LoRA modules (the PEM composition analysis) are fine-tuned on the synthetic zoo only.
@@ -357,9 +357,9 @@ if SYNTHETIC:
             settings=json.dumps(analysis_cfg("pem")["lora"], sort_keys=True),
             code=code_version("lora-finetune"),
         shell:
-            "adamerge lora-finetune --zoo {params.zoo:q} --task {wildcards.task} "
-            "--pretrained {input.pretrained} --head {input.head} --data {input.data} "
-            "--settings {params.settings:q} --out {output} --threads {threads} > {log} 2>&1"
+            "adamerge lora-finetune --zoo {params.zoo:q} --task {wildcards.task:q} "
+            "--pretrained {input.pretrained:q} --head {input.head:q} --data {input.data:q} "
+            "--settings {params.settings:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
     rule analysis_pem:
         input:
@@ -395,9 +395,9 @@ if SYNTHETIC:
             batch=config["evaluation"]["batch_size"],
             code=code_version("analysis-pem"),
         shell:
-            "adamerge analysis-pem --zoo {params.zoo:q} --pretrained {input.pretrained} "
-            "--tasks {params.tasks} --finetuned {input.finetuned} --lora {input.lora} "
-            "--heads {input.heads} --data {params.data} --grid {params.grid:q} "
-            "--negation-lam {params.negation} --adamerging {params.adamerging:q} "
-            "--max-images {params.max_images} --batch-size {params.batch} "
-            "--out {output.table} --figure {output.figure} --threads {threads} > {log} 2>&1"
+            "adamerge analysis-pem --zoo {params.zoo:q} --pretrained {input.pretrained:q} "
+            "--tasks {params.tasks:q} --finetuned {input.finetuned:q} --lora {input.lora:q} "
+            "--heads {input.heads:q} --data {params.data:q} --grid {params.grid:q} "
+            "--negation-lam {params.negation:q} --adamerging {params.adamerging:q} "
+            "--max-images {params.max_images:q} --batch-size {params.batch:q} "
+            "--out {output.table:q} --figure {output.figure:q} --threads {threads} > {log:q} 2>&1"

@@ -12,7 +12,7 @@ sys.path.insert(
     0, workflow.basedir
 )  # the project's own packages, whatever the working directory
 
-from pipeline import cli, provenance
+from pipeline import cli, config_checks, provenance
 from pipeline.merging import registry
 from pipeline.merging.contract import Need
 
@@ -27,6 +27,9 @@ if "tasks" not in ZOO_CFG:  # the suite's tasks
     from pipeline.data import suites
 
     ZOO_CFG["tasks"] = [t.name for t in suites.suite(ZOO_CFG["suite"])]
+# What JSON Schema cannot say (orders, sizes from several keys, task references), refused
+# before any job with each key and its fix (pipeline/config_checks.py).
+config_checks.check(config)
 TASKS = list(ZOO_CFG["tasks"])
 HELDOUT = list(ZOO_CFG["heldout_tasks"])
 ALL_TASKS = TASKS + HELDOUT
@@ -92,12 +95,6 @@ if not SYNTHETIC and not HUB_DATA:
             f"{list(PAPER_DATASETS)}); set `datasets: {{source: hub}}` to read every suite task from the Hub"
         )
 
-overlap = sorted(set(TASKS) & set(HELDOUT))
-if overlap:
-    raise ValueError(
-        f"config: zoo.heldout_tasks {overlap} also appear in zoo.tasks; a task is either merged or held out"
-    )
-
 
 def zoo_json(*sections):
     """The zoo settings that a job depends on, as JSON. It holds the identity keys and the
@@ -149,8 +146,8 @@ def is_path(source):
 
 
 def local_files(path):
-    """A local checkpoint as rule inputs: the file, or every file of a folder (a Hugging Face
-    save_pretrained directory), so that a replaced checkpoint reruns its import."""
+    """A local checkpoint as the inputs of its import (the file, or every file of a
+    folder: a Hugging Face save_pretrained directory); a replaced one reruns it."""
     folder = Path(path)
     if folder.is_dir():
         return sorted(str(f) for f in folder.iterdir() if f.is_file())
@@ -185,10 +182,11 @@ def pretrained_source():
     return local_files(PRETRAINED) if is_path(PRETRAINED) else []
 
 
+# The *_args helpers return argument lists: the rules quote each item (`{params.source:q}`).
 def pretrained_args():
     if isinstance(PRETRAINED, dict):
-        return f"--manifest {DOWNLOADS}/pretrained.json"
-    return f"--source {shlex.quote(PRETRAINED)}"
+        return ["--manifest", f"{DOWNLOADS}/pretrained.json"]
+    return ["--source", PRETRAINED]
 
 
 def finetuned_source(task):
@@ -200,8 +198,8 @@ def finetuned_source(task):
 def finetuned_args(task):
     path = checkpoint_path(task)
     if path is None:
-        return f"--manifest {DOWNLOADS}/finetuned/{task}.json"
-    return f"--checkpoint {shlex.quote(path)}"
+        return ["--manifest", f"{DOWNLOADS}/finetuned/{task}.json"]
+    return ["--checkpoint", path]
 
 
 def dataset_source(task):
@@ -210,7 +208,7 @@ def dataset_source(task):
 
 
 def dataset_args(task):
-    return f"--manifest {DATA}/downloads/{task}.json" if HUB_DATA else ""
+    return ["--manifest", f"{DATA}/downloads/{task}.json"] if HUB_DATA else []
 
 
 def dataset_spec(task):
@@ -235,7 +233,7 @@ def dataset_patterns(task):
         for s in splits
         for p in (f"{s}-*.parquet", f"{s}.parquet", f"{s}/*.parquet")
     ]
-    return " ".join(shlex.quote(p) for p in patterns)
+    return patterns
 
 
 # Training images decoded per task: what Fisher merging and RegMean read.

@@ -26,8 +26,8 @@ rule evaluate_zeroshot:
         code=code_version("evaluate"),
     shell:
         "adamerge evaluate --zoo {params.zoo:q} --model zeroshot --method zeroshot "
-        "--pretrained {input.pretrained} --tasks {params.tasks} --heads {input.heads} "
-        "--data {params.data} --batch-size {params.batch} --out {output} --threads {threads} > {log} 2>&1"
+        "--pretrained {input.pretrained:q} --tasks {params.tasks:q} --heads {input.heads:q} "
+        "--data {params.data:q} --batch-size {params.batch:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule evaluate_individual:
@@ -55,9 +55,9 @@ rule evaluate_individual:
         code=code_version("evaluate"),
     shell:
         "adamerge evaluate --zoo {params.zoo:q} --model individual --method individual "
-        "--pretrained {input.pretrained} --encoder {input.encoder} --tasks {wildcards.task} "
-        "--heads {input.head} --data {params.data} --batch-size {params.batch} --out {output} "
-        "--threads {threads} > {log} 2>&1"
+        "--pretrained {input.pretrained:q} --encoder {input.encoder:q} --tasks {wildcards.task:q} "
+        "--heads {input.head:q} --data {params.data:q} --batch-size {params.batch:q} --out {output:q} "
+        "--threads {threads} > {log:q} 2>&1"
 
 
 rule evaluate_merged:
@@ -85,10 +85,10 @@ rule evaluate_merged:
         batch=config["evaluation"]["batch_size"],
         code=code_version("evaluate"),
     shell:
-        "adamerge evaluate --zoo {params.zoo:q} --model {wildcards.method} "
-        "--method {wildcards.method} --pretrained {input.pretrained} --encoder {input.encoder} "
-        "--tasks {params.tasks} --heads {input.heads} --data {params.data} --batch-size {params.batch} "
-        "--out {output} --threads {threads} > {log} 2>&1"
+        "adamerge evaluate --zoo {params.zoo:q} --model {wildcards.method:q} "
+        "--method {wildcards.method:q} --pretrained {input.pretrained:q} --encoder {input.encoder:q} "
+        "--tasks {params.tasks:q} --heads {input.heads:q} --data {params.data:q} --batch-size {params.batch:q} "
+        "--out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule evaluate_negation:
@@ -116,7 +116,7 @@ rule evaluate_negation:
         batch=config["evaluation"]["batch_size"],
         code=code_version("evaluate"),
     shell:
-        "adamerge evaluate --zoo {params.zoo:q} --model task_negation_{wildcards.task} "
-        "--method task_negation --pretrained {input.pretrained} --encoder {input.encoder} "
-        "--tasks {params.tasks} --heads {input.heads} --data {params.data} --batch-size {params.batch} "
-        "--out {output} --threads {threads} > {log} 2>&1"
+        "adamerge evaluate --zoo {params.zoo:q} --model task_negation_{wildcards.task:q} "
+        "--method task_negation --pretrained {input.pretrained:q} --encoder {input.encoder:q} "
+        "--tasks {params.tasks:q} --heads {input.heads:q} --data {params.data:q} --batch-size {params.batch:q} "
+        "--out {output:q} --threads {threads} > {log:q} 2>&1"

@@ -29,9 +29,9 @@ rule merge_task_vectors:
         budget=config["merging"]["budget_mib"],
         code=lambda wc: code_version("merge", wc.method),
     shell:
-        "adamerge merge --zoo {params.zoo:q} --method {wildcards.method} "
+        "adamerge merge --zoo {params.zoo:q} --method {wildcards.method:q} "
         "--pretrained {input.pretrained:q} --task-vectors {input.store:q} "
-        "--settings {params.settings:q} --budget-mib {params.budget} --out {output.model:q} "
+        "--settings {params.settings:q} --budget-mib {params.budget:q} --out {output.model:q} "
         "--threads {threads} > {log:q} 2>&1"
 
 
@@ -66,10 +66,10 @@ rule lambda_search:
         budget=config["merging"]["budget_mib"],
         code=lambda wc: code_version("lambda-search", wc.method),
     shell:
-        "adamerge lambda-search --zoo {params.zoo:q} --method {wildcards.method} "
+        "adamerge lambda-search --zoo {params.zoo:q} --method {wildcards.method:q} "
         "--pretrained {input.pretrained:q} --task-vectors {input.store:q} "
         "--heads {input.heads:q} --data {params.data:q} --settings {params.settings:q} "
-        "--grid {params.grid:q} --batch-size {params.batch} --budget-mib {params.budget} "
+        "--grid {params.grid:q} --batch-size {params.batch:q} --budget-mib {params.budget:q} "
         "--search-out {output.search:q} --out {output.model:q} --threads {threads} > {log:q} 2>&1"
 
 
@@ -98,7 +98,7 @@ rule task_negation:
     shell:
         "adamerge merge --zoo {params.zoo:q} --method task_negation "
         "--pretrained {input.pretrained:q} --task-vectors {input.store:q} "
-        "--settings {params.settings:q} --budget-mib {params.budget} --out {output.model:q} "
+        "--settings {params.settings:q} --budget-mib {params.budget:q} --out {output.model:q} "
         "--threads {threads} > {log:q} 2>&1"
 
 
@@ -135,7 +135,7 @@ rule merge_with_data:
         ),
         code=lambda wc: code_version("merge", wc.method),
     shell:
-        "adamerge merge --zoo {params.zoo:q} --method {wildcards.method} "
+        "adamerge merge --zoo {params.zoo:q} --method {wildcards.method:q} "
         "--pretrained {input.pretrained:q} --finetuned {input.finetuned:q} --tasks {params.tasks:q} "
         "--heads {input.heads:q} --data {params.data:q} --settings {params.settings:q} "
         "--out {output.model:q} --threads {threads} > {log:q} 2>&1"

@@ -35,6 +35,6 @@ rule report:
         analysis=[f"{k}={v}" for k, v in analysis_files().items()],
         code=code_version("report"),
     shell:
-        "adamerge report --zoo {params.zoo:q} --eval {input.evals} --config {params.config:q} "
-        "--benchmark-dir {params.benchmark_dir} --markdown {output.markdown} --html {output.html} "
-        "--table {output.table} --analysis {params.analysis} > {log} 2>&1"
+        "adamerge report --zoo {params.zoo:q} --eval {input.evals:q} --config {params.config:q} "
+        "--benchmark-dir {params.benchmark_dir:q} --markdown {output.markdown:q} --html {output.html:q} "
+        "--table {output.table:q} --analysis {params.analysis:q} > {log:q} 2>&1"

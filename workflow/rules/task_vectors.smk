@@ -24,6 +24,6 @@ rule task_vector:
         storage=json.dumps(config["merging"]["storage"], sort_keys=True),
         code=code_version("task-vector"),
     shell:
-        "adamerge task-vector --zoo {params.zoo:q} --task {wildcards.task} "
-        "--pretrained {input.pretrained} --finetuned {input.finetuned} "
-        "--chunk-mib {params.chunk_mib} --storage {params.storage:q} --out {output} --threads {threads} > {log} 2>&1"
+        "adamerge task-vector --zoo {params.zoo:q} --task {wildcards.task:q} "
+        "--pretrained {input.pretrained:q} --finetuned {input.finetuned:q} "
+        "--chunk-mib {params.chunk_mib:q} --storage {params.storage:q} --out {output:q} --threads {threads} > {log:q} 2>&1"

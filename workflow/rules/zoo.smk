@@ -20,8 +20,8 @@ if SOURCE == "synthetic":
             zoo=zoo_json("synthetic.sizes", "synthetic.domains"),
             code=code_version("task-data"),
         shell:
-            "adamerge task-data --zoo {params.zoo:q} --task {wildcards.task} "
-            "--out {output} --threads {threads} > {log} 2>&1"
+            "adamerge task-data --zoo {params.zoo:q} --task {wildcards.task:q} "
+            "--out {output:q} --threads {threads} > {log:q} 2>&1"
 
     rule pretrain:
         output:
@@ -42,8 +42,8 @@ if SOURCE == "synthetic":
             zoo=zoo_json("synthetic.pretrain"),
             code=code_version("pretrain"),
         shell:
-            "adamerge pretrain --zoo {params.zoo:q} --out {output.model} "
-            "--tokenizer {output.tokenizer} --threads {threads} > {log} 2>&1"
+            "adamerge pretrain --zoo {params.zoo:q} --out {output.model:q} "
+            "--tokenizer {output.tokenizer:q} --threads {threads} > {log:q} 2>&1"
 
     rule finetune:
         input:
@@ -67,9 +67,9 @@ if SOURCE == "synthetic":
             zoo=zoo_json("synthetic.finetune"),
             code=code_version("finetune"),
         shell:
-            "adamerge finetune --zoo {params.zoo:q} --task {wildcards.task} "
-            "--pretrained {input.pretrained} --head {input.head} --data {input.data} "
-            "--out {output} --threads {threads} > {log} 2>&1"
+            "adamerge finetune --zoo {params.zoo:q} --task {wildcards.task:q} "
+            "--pretrained {input.pretrained:q} --head {input.head:q} --data {input.data:q} "
+            "--out {output:q} --threads {threads} > {log:q} 2>&1"
 
 else:
 
@@ -94,7 +94,7 @@ else:
             code=code_version("download-model"),
         shell:
             "adamerge download-model --repo {params.repo:q} --revision {params.revision:q} "
-            "--out {output:q} > {log} 2>&1"
+            "--out {output:q} > {log:q} 2>&1"
 
     rule download_finetuned:
         output:
@@ -109,7 +109,7 @@ else:
             code=code_version("download-model"),
         shell:
             "adamerge download-model --repo {params.repo:q} --revision {params.revision:q} "
-            "--out {output:q} > {log} 2>&1"
+            "--out {output:q} > {log:q} 2>&1"
 
     rule download_dataset:
         output:
@@ -125,7 +125,7 @@ else:
             code=code_version("download-dataset"),
         shell:
             "adamerge download-dataset --repo {params.repo:q} --revision {params.revision:q} "
-            "--allow-patterns {params.patterns} --out {output:q} > {log} 2>&1"
+            "--allow-patterns {params.patterns:q} --out {output:q} > {log:q} 2>&1"
 
     rule import_pretrained:
         input:
@@ -148,8 +148,8 @@ else:
             source=pretrained_args(),
             code=code_version("import-pretrained"),
         shell:
-            "adamerge import-pretrained --zoo {params.zoo:q} {params.source} --out {output.model:q} "
-            "> {log} 2>&1"
+            "adamerge import-pretrained --zoo {params.zoo:q} {params.source:q} --out {output.model:q} "
+            "> {log:q} 2>&1"
 
     rule import_finetuned:
         input:
@@ -172,8 +172,8 @@ else:
             source=lambda wc: finetuned_args(wc.task),
             code=code_version("import-finetuned"),
         shell:
-            "adamerge import-finetuned --zoo {params.zoo:q} --task {wildcards.task} "
-            "--pretrained {input.pretrained:q} {params.source} --out {output:q} > {log} 2>&1"
+            "adamerge import-finetuned --zoo {params.zoo:q} --task {wildcards.task:q} "
+            "--pretrained {input.pretrained:q} {params.source:q} --out {output:q} > {log:q} 2>&1"
 
     rule decode_images:
         input:
@@ -199,9 +199,9 @@ else:
             max_images=lambda wc: TRAIN_EXAMPLES if wc.split == "train" else 0,
             code=code_version("decode-images"),
         shell:
-            "adamerge decode-images --zoo {params.zoo:q} --task {wildcards.task} "
-            "--split {wildcards.split} {params.source} --model-config {input.model_config:q} "
-            "--max-images {params.max_images} --out {output:q} --threads {threads} > {log} 2>&1"
+            "adamerge decode-images --zoo {params.zoo:q} --task {wildcards.task:q} "
+            "--split {wildcards.split:q} {params.source:q} --model-config {input.model_config:q} "
+            "--max-images {params.max_images:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule zero_shot_head:
@@ -224,5 +224,5 @@ rule zero_shot_head:
         zoo=zoo_json(),
         code=code_version("head"),
     shell:
-        "adamerge head --zoo {params.zoo:q} --task {wildcards.task} "
-        "--pretrained {input.pretrained} --out {output} > {log} 2>&1"
+        "adamerge head --zoo {params.zoo:q} --task {wildcards.task:q} "
+        "--pretrained {input.pretrained:q} --out {output:q} > {log:q} 2>&1"

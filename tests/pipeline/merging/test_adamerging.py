@@ -193,3 +193,13 @@ def test_test_sets_smaller_than_a_steps_batches_are_refused_unless_allowed(zoo):
     allowed = spec.run(inputs, spec.configure({"steps": 2, "allow_small_test_sets": True})).details["result"]
     assert len(allowed.entropy) == 2
     assert spec.run(inputs, spec.configure({"steps": 2, "batch_size": 10})).details["result"].entropy
+
+
+def test_the_optimizer_takes_integer_betas_from_a_config():
+    """``betas: [0, 0.999]`` configures (the schema takes numbers); Adam itself refuses a
+    mix of int and float betas, so they are passed as floats."""
+    from types import SimpleNamespace
+
+    settings = registry.method("adamerging_task_wise").configure({"betas": [0, 0.999], "lr": 1})
+    opt = am.lambda_optimizer(SimpleNamespace(lambda_raw=torch.nn.Parameter(torch.zeros(2, 1))), settings)
+    assert opt.defaults["betas"] == (0.0, 0.999)

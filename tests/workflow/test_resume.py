@@ -6,11 +6,13 @@ other copy is merged twice with the whole Snakemake process group SIGKILLed mid-
 1. while a task_vector job writes its zarr subgroup (caught while the temporary subgroup
    holds arrays but is not marked complete; at the latest just before its rename into place),
 2. while the Task Arithmetic lambda_search job publishes its outputs: the lambda table and
-   model.safetensors are in place, model.json is not (a checkpoint that looks finished).
+   model.safetensors are in place, model.json is not (a checkpoint that looks finished),
+3. while the weight-averaging merge's streaming writer holds its finished temporary file.
 
 Each time the store must not hold the partial subgroup, and Snakemake must treat the killed
 job as incomplete; after `--unlock` and `--rerun-incomplete` every task vector, merged model,
-settings file and lambda table equals the reference bit for bit.
+settings file and lambda table equals the reference bit for bit, and no temporary file of a
+killed writer is left anywhere.
 
 The kill points come from tests/helpers/faults/sitecustomize.py, put on the workflow processes'
 PYTHONPATH: it pauses the pipeline's os.replace of a chosen output so the kill lands there.
@@ -71,13 +73,13 @@ def partial_subgroup(work: Path) -> Path | None:
 
 
 def run_until_killed(work: Path, configfile: str, pause_at: str, watch_partial: bool = False,
-                     timeout: float = 300) -> tuple[str, str]:
-    """Run the merge targets with os.replace paused at ``pause_at``; SIGKILL the process group
-    at the pause (or, with ``watch_partial``, as soon as a task-vector subgroup is half written).
-    Returns (how, detail)."""
+                     timeout: float = 300, extra: tuple[str, ...] = ()) -> tuple[str, str]:
+    """Run the merge targets (with ``extra`` arguments) with os.replace paused at ``pause_at``;
+    SIGKILL the process group at the pause (or, with ``watch_partial``, as soon as a task-vector
+    subgroup is half written). Returns (how, detail)."""
     marker = work / "paused.txt"
     marker.unlink(missing_ok=True)
-    cmd, env = snakemake_command("--cores", "1", "--rerun-incomplete", *TARGETS, "--configfile", configfile,
+    cmd, env = snakemake_command("--cores", "1", "--rerun-incomplete", *extra, *TARGETS, "--configfile", configfile,
                                  cwd=work)
     env.update(ADAMERGE_TEST_PAUSE_AT=pause_at, ADAMERGE_TEST_PAUSE_MARKER=str(marker),
                ADAMERGE_TEST_PAUSE_SECONDS=str(timeout),
@@ -195,17 +197,27 @@ def test_killed_run_resumes_to_the_uninterrupted_results(tmp_path: Path):
     assert "merges/task_arithmetic/model.safetensors" in text
     assert_store_holds_only_complete_subgroups(store, TASKS)  # both task vectors were finished in run 2
 
-    # 3. resume
+    # 3. kill while the weight-averaging merge's streaming writer has written its temporary file
+    how, detail = run_until_killed(work, configfile, r"merges/weight_averaging/model\.safetensors$",
+                                   extra=("--forcerun", "merge_task_vectors"))
+    assert how == "paused"
+    averaged = work / f"results/{ZOO}/merges/weight_averaging"
+    assert list(averaged.glob(".model.safetensors.*.tmp")), sorted(p.name for p in averaged.iterdir())
+    snakemake("--unlock", *TARGETS, "--configfile", configfile, cwd=work)
+
+    # 4. resume
     resumed = snakemake("--cores", "2", "--rerun-incomplete", *TARGETS, "--configfile", configfile, cwd=work)
     counts = job_counts(resumed.stdout + resumed.stderr)
-    assert counts.get("lambda_search") == 1 and set(counts) <= {"lambda_search", "merge_task_vectors"}, counts
+    assert counts.get("merge_task_vectors") == 1 and counts.get("lambda_search", 0) <= 1, counts
+    assert set(counts) <= {"lambda_search", "merge_task_vectors"}, counts
     assert_store_holds_only_complete_subgroups(store, TASKS)
     TaskVectorStore(store, list(TASKS))  # opens: every subgroup complete, one base model
     assert results(work) == results(reference)
     again = snakemake("-n", "--cores", "1", *TARGETS, "--configfile", configfile, cwd=work)
     assert "Nothing to be done" in again.stdout + again.stderr
 
-    leftovers = sorted(p.name for p in (work / f"results/{ZOO}").glob(".*.tmp"))
+    leftovers = sorted(str(p.relative_to(work)) for tree in ("results", "resources") for p in (work / tree).rglob("*.tmp"))
+    assert not leftovers, leftovers  # the reruns removed what the killed writers left
     print(f"\nkill 1: {'mid-write' if how1 == 'partial' else 'before rename'} task vector of {killed_task}; "
-          f"kill 2: lambda_search between model.safetensors and model.json; resumed jobs {counts}; "
-          f"outputs equal the uninterrupted run; temporary leftovers outside the store: {leftovers}")
+          f"kill 2: lambda_search between model.safetensors and model.json; kill 3: the merge writer's "
+          f"temporary file written; resumed jobs {counts}; outputs equal the uninterrupted run; no *.tmp left")

@@ -13,6 +13,7 @@ sys.path.insert(
 )  # the project's own packages, whatever the working directory
 
 from pipeline import cli, config_checks, provenance
+from pipeline.data import suites
 from pipeline.merging import registry
 from pipeline.merging.contract import Need
 
@@ -24,8 +25,6 @@ HUB_DATA = (
     "datasets" in ZOO_CFG
 )  # images from the suite's Hub datasets, else from data_root
 if "tasks" not in ZOO_CFG:  # the suite's tasks
-    from pipeline.data import suites
-
     ZOO_CFG["tasks"] = [t.name for t in suites.suite(ZOO_CFG["suite"])]
 # What JSON Schema cannot say (orders, sizes from several keys, task references), refused
 # before any job with each key and its fix (pipeline/config_checks.py).
@@ -122,16 +121,13 @@ def zoo_json(*sections):
 
 
 # Real zoos: where the pretrained CLIP, the fine-tuned encoders and the images come from.
+# A Hub download's output is a manifest (its snapshot folder, commit and file checksums).
 DOWNLOADS = f"{MODELS}/downloads"
+PRETRAINED_MANIFEST = f"{DOWNLOADS}/pretrained.json"
+FINETUNED_MANIFEST = f"{DOWNLOADS}/finetuned/{{task}}.json"
+DATASET_MANIFEST = f"{DATA}/downloads/{{task}}.json"
 PRETRAINED = ZOO_CFG.get("pretrained")  # absent for synthetic zoos
 CHECKPOINTS = ZOO_CFG.get("checkpoints")
-
-
-def hub_name(task):
-    """The name FusionBench gives ``task`` in its Hub repos (pipeline/data/suites.py)."""
-    from pipeline.data import suites
-
-    return suites.task(task).hub_name
 
 
 def revision(spec, task=None, default="main"):
@@ -171,61 +167,52 @@ def checkpoint_path(task):
 def fill(pattern, task):
     """``pattern`` with ``{task}`` (and ``{hub_name}``) filled in for ``task``."""
     return pattern.format(
-        task=task, hub_name=hub_name(task) if "{hub_name}" in pattern else ""
+        task=task,
+        hub_name=suites.task(task).hub_name if "{hub_name}" in pattern else "",
     )
 
 
 def pretrained_source():
     """Inputs of the pretrained import: its manifest, its local files, or none (a tag)."""
     if isinstance(PRETRAINED, dict):
-        return [f"{DOWNLOADS}/pretrained.json"]
+        return [PRETRAINED_MANIFEST]
     return local_files(PRETRAINED) if is_path(PRETRAINED) else []
 
 
 # The *_args helpers return argument lists: the rules quote each item (`{params.source:q}`).
 def pretrained_args():
     if isinstance(PRETRAINED, dict):
-        return ["--manifest", f"{DOWNLOADS}/pretrained.json"]
+        return ["--manifest", PRETRAINED_MANIFEST]
     return ["--source", PRETRAINED]
 
 
 def finetuned_source(task):
     """Inputs of a fine-tuned import: its manifest or its local files."""
     path = checkpoint_path(task)
-    return [f"{DOWNLOADS}/finetuned/{task}.json"] if path is None else local_files(path)
+    return [FINETUNED_MANIFEST.format(task=task)] if path is None else local_files(path)
 
 
 def finetuned_args(task):
     path = checkpoint_path(task)
     if path is None:
-        return ["--manifest", f"{DOWNLOADS}/finetuned/{task}.json"]
+        return ["--manifest", FINETUNED_MANIFEST.format(task=task)]
     return ["--checkpoint", path]
 
 
 def dataset_source(task):
     """Inputs of a task's image decoding: the Hub dataset's manifest, or none (data_root)."""
-    return [f"{DATA}/downloads/{task}.json"] if HUB_DATA else []
+    return [DATASET_MANIFEST.format(task=task)] if HUB_DATA else []
 
 
 def dataset_args(task):
-    return ["--manifest", f"{DATA}/downloads/{task}.json"] if HUB_DATA else []
-
-
-def dataset_spec(task):
-    from pipeline.data import suites
-
-    return suites.task(task)
-
-
-def dataset_repo(task):
-    return dataset_spec(task).dataset
+    return ["--manifest", DATASET_MANIFEST.format(task=task)] if HUB_DATA else []
 
 
 def dataset_patterns(task):
     """``--allow-patterns`` of a task's dataset download: the parquet files of its splits in
     its config (the Hub's layouts, pipeline/hub.py), not the repo's other configs or splits.
     """
-    spec = dataset_spec(task)
+    spec = suites.task(task)
     where = f"{spec.config}/" if spec.config else "*"
     splits = [s for s in (spec.train_split, spec.val_split, spec.test_split) if s]
     patterns = [

@@ -83,7 +83,7 @@ else:
 
     rule download_pretrained:
         output:
-            f"{DOWNLOADS}/pretrained.json",
+            PRETRAINED_MANIFEST,
         log:
             f"{LOGS}/download/pretrained.log",
         benchmark:
@@ -98,7 +98,7 @@ else:
 
     rule download_finetuned:
         output:
-            f"{DOWNLOADS}/finetuned/{{task}}.json",
+            FINETUNED_MANIFEST,
         log:
             f"{LOGS}/download/finetuned_{{task}}.log",
         benchmark:
@@ -113,14 +113,16 @@ else:
 
     rule download_dataset:
         output:
-            f"{DATA}/downloads/{{task}}.json",
+            DATASET_MANIFEST,
         log:
             f"{LOGS}/download/dataset_{{task}}.log",
         benchmark:
             f"{BENCH}/download/dataset_{{task}}.tsv"
         params:
-            repo=lambda wc: dataset_repo(wc.task),
-            revision=lambda wc: revision(ZOO_CFG["datasets"], wc.task, dataset_spec(wc.task).revision),
+            repo=lambda wc: suites.task(wc.task).dataset,
+            revision=lambda wc: revision(
+                ZOO_CFG["datasets"], wc.task, suites.task(wc.task).revision
+            ),
             patterns=lambda wc: dataset_patterns(wc.task),
             code=code_version("download-dataset"),
         shell:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -90,6 +90,20 @@ class MergedState:
         return {}
 
 
+Route = Callable[[str | Path, nn.Module, Sequence[str]], Iterator[nn.Module]]
+"""How a task-routed method is evaluated: ``route(saved merge, encoder, tasks)`` yields, task by
+task in order, the module that encodes that task's images (``encoder`` is the pretrained
+image encoder on the evaluation device; the yielded modules live there too)."""
+
+
+def load_each(states: Iterator[Mapping[str, torch.Tensor]], encoder: nn.Module) -> Iterator[nn.Module]:
+    """``encoder`` with each state dict of ``states`` loaded in turn (a route of methods whose
+    per-task models are plain encoder weights: TALL masks, EMR-Merging)."""
+    for state in states:
+        encoder.load_state_dict(state)
+        yield encoder
+
+
 @dataclass(frozen=True)
 class Method:
     """One registry entry: a method's identity, needs, settings and entry point."""
@@ -104,6 +118,7 @@ class Method:
     per_task: bool = False  # one model per task (task negation), not one merged model
     synthetic_only: bool = False  # needs what only synthetic zoos have (joint training data)
     table_row: int | None = None  # its row in the AdaMerging paper's Table 1 (None: not there)
+    route: Route | None = None  # task identity used at inference: one model per task (see Route)
 
     def configure(self, values: Mapping[str, Any] | None = None, **overrides) -> Any:
         """The settings from the config's mapping (lists become tuples); unknown keys are

@@ -100,7 +100,11 @@ rule analysis_coefficients:
 
 DISTANCE_MODELS = (
     {f"finetuned_{t}": f"{MODELS}/finetuned/{t}.safetensors" for t in TASKS}
-    | {m: f"{RESULTS}/merges/{m}/model.safetensors" for m in MERGE_METHODS}
+    | {
+        m: f"{RESULTS}/merges/{m}/model.safetensors"
+        for m in MERGE_METHODS
+        if registry.method(m).route is None  # a routed merge is no single encoder
+    }
     | {
         f"adamerging_{v}": f"{RESULTS}/adamerging/{v}/model.safetensors"
         for v in ADAMERGING_VARIANTS

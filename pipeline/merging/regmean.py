@@ -13,7 +13,8 @@ fine-tuned model and its Gram matrices are in memory at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +25,10 @@ from tqdm import tqdm
 from pipeline.merging.contract import Inputs, MergedState, StateDict
 
 DEFAULT_EXAMPLES = 256
-DEFAULT_ALPHA = 0.6
+DEFAULT_ALPHA = 0.95
 
 
-class _Grams:
+class Grams:
     """Accumulates x^T x and the row count of each linear layer's inputs."""
 
     def __init__(self):
@@ -43,7 +44,7 @@ class _Grams:
         return {key: s / self.rows[key] for key, s in self.sums.items()}
 
 
-def _attention_hooks(name: str, mha: nn.MultiheadAttention, grams: _Grams):
+def _attention_hooks(name: str, mha: nn.MultiheadAttention, grams: Grams):
     busy = False
 
     def hook(module, args, kwargs, output):
@@ -56,7 +57,7 @@ def _attention_hooks(name: str, mha: nn.MultiheadAttention, grams: _Grams):
         saved = proj.weight.data, proj.bias.data
         busy = True
         try:  # the attention context: the output with an identity output projection
-            proj.weight.data = torch.eye(proj.in_features, dtype=saved[0].dtype)
+            proj.weight.data = torch.eye(proj.in_features, dtype=saved[0].dtype, device=saved[0].device)
             proj.bias.data = torch.zeros_like(saved[1])
             grams.add(f"{name}.out_proj.weight", module(*args, **kwargs)[0])
         finally:
@@ -66,32 +67,45 @@ def _attention_hooks(name: str, mha: nn.MultiheadAttention, grams: _Grams):
     return mha.register_forward_hook(hook, with_kwargs=True)
 
 
+@contextmanager
+def recording(module: nn.Module, grams: Grams) -> Iterator[None]:
+    """While open, each forward of ``module`` adds the inputs of its linear layers to ``grams``,
+    keyed by the weight's state-dict key in ``module``."""
+    handles = []
+    attention_projs = set()
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.MultiheadAttention):
+            if not sub._qkv_same_embed_dim:
+                raise ValueError(f"RegMean: attention {name} has separate q/k/v projections; not supported")
+            handles.append(_attention_hooks(name, sub, grams))
+            attention_projs.add(sub.out_proj)
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.Linear) and sub not in attention_projs:
+            handles.append(sub.register_forward_pre_hook(
+                lambda m, args, key=f"{name}.weight": grams.add(key, args[0])))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def example_order(dataset: Dataset, examples: int, seed: int) -> list[int]:
+    """The indices of ``examples`` examples of ``dataset`` in a seeded random order."""
+    return torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:examples].tolist()
+
+
 @torch.no_grad()
 def gram_matrices(encoder: nn.Module, dataset: Dataset, examples: int = DEFAULT_EXAMPLES, batch_size: int = 32,
                   seed: int = 0, desc: str = "gram") -> dict[str, torch.Tensor]:
     """Mean Gram matrix (fp64) of the inputs of every linear layer, keyed by its weight's
     state-dict key, on ``examples`` examples of ``dataset`` in a seeded random order."""
-    grams = _Grams()
-    handles = []
-    attention_projs = set()
-    for name, module in encoder.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            if not module._qkv_same_embed_dim:
-                raise ValueError(f"RegMean: attention {name} has separate q/k/v projections; not supported")
-            handles.append(_attention_hooks(name, module, grams))
-            attention_projs.add(module.out_proj)
-    for name, module in encoder.named_modules():
-        if isinstance(module, nn.Linear) and module not in attention_projs:
-            handles.append(module.register_forward_pre_hook(
-                lambda m, args, key=f"{name}.weight": grams.add(key, args[0])))
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:examples]
+    grams = Grams()
     encoder.eval()
-    try:
-        for x, _ in tqdm(DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size), desc=desc, mininterval=2):
+    with recording(encoder, grams):
+        loader = DataLoader(Subset(dataset, example_order(dataset, examples, seed)), batch_size=batch_size)
+        for x, _ in tqdm(loader, desc=desc, mininterval=2):
             encoder(x)
-    finally:
-        for h in handles:
-            h.remove()
     return grams.means()
 
 
@@ -127,10 +141,12 @@ def regmean_average(models: Iterable[tuple[Mapping[str, torch.Tensor], Mapping[s
 
 @dataclass(frozen=True)
 class Settings:
-    """``examples``: training examples per task whose layer inputs make the Gram
-    matrices (256: this project's choice); ``alpha``: 0.6, the scale of off-diagonal Gram entries
-    (the RegMean paper's reduction factor, Jin et al., ICLR 2023, Sec. 3.2; 0.6 is
-    FusionBench's GPT-2 value, its CLIP config uses 0.95)."""
+    """``examples``: 256 training examples per task whose layer inputs make the Gram matrices
+    (FusionBench, fusion_bench_config/method/regmean/clip_regmean.yaml num_regmean_examples);
+    ``alpha``: 0.95, the scale of off-diagonal Gram entries: the RegMean paper's reduction
+    factor (Jin et al., ICLR 2023, Sec. 3.2), which it tunes on language models only;
+    0.95 is FusionBench's value for CLIP image encoders (clip_regmean.yaml
+    reduce_non_diagonal_ratio; 0.6 is its GPT-2 value, gpt2_regmean.yaml)."""
 
     examples: int = DEFAULT_EXAMPLES
     alpha: float = DEFAULT_ALPHA

@@ -12,6 +12,7 @@ from pipeline.merging import (
     fisher_merging,
     multitask,
     regmean,
+    regmean_plusplus,
     task_arithmetic,
     task_negation,
     ties_merging,
@@ -35,6 +36,9 @@ _METHODS = [
            "NeurIPS 2022", MODELS_AND_TRAIN, fisher_merging.Settings, fisher_merging.run, table_row=3),
     Method("regmean", "RegMean", "Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, "
            "ICLR 2023", MODELS_AND_TRAIN, regmean.Settings, regmean.run, table_row=4),
+    Method("regmean_plusplus", "RegMean++", "Nguyen et al., RegMean++: Enhancing Effectiveness and Generalization "
+           "of Regression Mean for Model Merging, 2025", MODELS_AND_TRAIN, regmean_plusplus.Settings,
+           regmean_plusplus.run),
     Method("multitask", "Traditional MTL", "joint fine-tuning on all tasks (the AdaMerging paper's upper bound)",
            frozenset({Need.TRAIN_DATA}), multitask.Settings, multitask.run, synthetic_only=True, table_row=1),
     Method("task_negation", "Task Negation", "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",

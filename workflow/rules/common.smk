@@ -223,9 +223,10 @@ def dataset_patterns(task):
     return patterns
 
 
-# Training images decoded per task: what Fisher merging and RegMean read.
+# Training images decoded per task: what Fisher merging, RegMean and RegMean++ read.
 TRAIN_EXAMPLES = max(
-    config["merging"][m]["examples"] for m in ("fisher_merging", "regmean")
+    config["merging"][m]["examples"]
+    for m in ("fisher_merging", "regmean", "regmean_plusplus")
 )
 
 

@@ -86,6 +86,17 @@ def zoo_checks(table: pd.DataFrame, tasks: list[str], chance: dict[str, float]) 
     return checks
 
 
+def fisher_note(methods: list[str], config: dict) -> str | None:
+    """Which Fisher estimator made the Fisher Merging row (None without that row)."""
+    from pipeline.merging.fisher_merging import ESTIMATORS
+
+    if "fisher_merging" not in methods:
+        return None
+    settings = config["merging"]["fisher_merging"]
+    return (f"Fisher Merging: {ESTIMATORS[settings['estimator']]}, on {settings['examples']} training examples per "
+            f"task (merging.fisher_merging.estimator: {settings['estimator']}).")
+
+
 def _html_table(df: pd.DataFrame, caption: str, bold_max: bool = False, fmt: str = "{:.1f}") -> str:
     """A booktabs-style table; with ``bold_max`` the best merge per column is bold."""
     cols = list(df.columns)
@@ -127,6 +138,9 @@ def write_report(eval_files: list[str], config: dict, benchmarks: list[str], zoo
                      f"<p>Architecture <code>{html.escape(zoo['arch'])}</code>, {len(tasks)} tasks merged, "
                      f"seed {zoo.get('seed', 0)}.</p>",
                      _html_table(main, "Table 1. Top-1 accuracy (%) on each task's test split.", bold_max=True)]
+    if note := fisher_note(list(main.index), config):
+        sections_md += [note, ""]
+        sections_html.append(f"<p class='note'>{html.escape(note)}</p>")
     if heldout:
         held = accuracy_table(evals, heldout)
         held.index.name = "model"

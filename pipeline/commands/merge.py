@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def merge(zoo: dict, method: str, pretrained: str, out: str, tasks: list[str] = 
         raise ValueError(f"merge: {method} learns on unlabeled test images; run it with the adamerge verb")
     config = spec.configure(settings)
     inputs = Inputs({}, list(tasks), seed=zoo["seed"], device=default_device(), budget_mib=budget_mib)
-    record = {"method": method, "settings": settings, "tasks": list(tasks)}
+    record = {"method": method, "settings": dataclasses.asdict(config), "tasks": list(tasks)}  # defaults filled in
     if Need.TASK_VECTORS in spec.needs:
         _, inputs.pretrained, inputs.store = open_store(zoo, pretrained, task_vectors)
         inputs.tasks = inputs.store.tasks

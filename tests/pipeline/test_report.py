@@ -86,3 +86,23 @@ def test_report_renders_in_chromium(tmp_path):
     with Image.open(tmp_path / "shot.png") as im:
         assert im.size == (1200, 1600)
         assert len(im.convert("L").resize((60, 80)).getcolors(256)) > 10  # not a blank page
+
+
+@pytest.mark.parametrize("estimator", ["exact", "fusionbench"])
+def test_the_report_names_the_fisher_estimator_beside_its_row(tmp_path, estimator):
+    from pipeline.report import write_report
+
+    evals = tmp_path / "eval.parquet"
+    pd.DataFrame([{"model": m, "method": m, "task": t, "split": "test", "accuracy": 60.0, "n": 10, "seconds": 0.1}
+                  for m in ["zeroshot", "fisher_merging"] for t in TASKS]).to_parquet(evals)
+    zoo = {"name": "tiny", "source": "synthetic", "arch": "synth-vit-tiny", "tasks": TASKS, "heldout_tasks": []}
+    config = {"zoo": zoo, "merging": {"fisher_merging": {"estimator": estimator, "examples": 64}}}
+    md, page = tmp_path / "report.md", tmp_path / "report.html"
+    write_report([str(evals)], config, [], zoo, md, page, tmp_path / "table.parquet")
+    expected = {"exact": "Fisher Merging: the exact diagonal Fisher (per example the expectation over the classes",
+                "fusionbench": "Fisher Merging: FusionBench's estimate (the squared batch gradient"}[estimator]
+    for text in (md.read_text(), page.read_text()):
+        note = text[text.index("Fisher Merging: "):]
+        assert note.replace("&#x27;", "'").startswith(expected), note[:120]
+        assert f"on 64 training examples per task (merging.fisher_merging.estimator: {estimator})" in note
+    assert md.read_text().index("Fisher Merging: ") > md.read_text().index("| fisher_merging")  # after the table

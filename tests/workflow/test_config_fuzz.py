@@ -215,7 +215,7 @@ def job_rejections(cfg: dict) -> list[str]:
     zoo, merging, analysis = cfg["zoo"], cfg["merging"], cfg["analysis"]
     tasks = zoo["tasks"] + zoo["heldout_tasks"]
     # method settings, as the merge, lambda-search, adamerge and analysis verbs configure them
-    for name in ("ties_merging", "fisher_merging", "regmean"):
+    for name in ("ties_merging", "fisher_merging", "regmean", "regmean_plusplus"):
         if (s := attempt(name, registry.method(name).configure, merging[name])) is not None:
             out += typed(s, f"merging.{name}")
     attempt("task_negation", registry.method("task_negation").configure, {"lam": merging["task_negation"]["lam"]})

@@ -1,6 +1,6 @@
 # Merge stage: one merged image encoder per method of the registry. Methods on task vectors
 # stream the zarr store; Task Arithmetic and TIES choose lambda on the validation split;
-# Fisher merging and RegMean read the fine-tuned encoders and training examples;
+# Fisher merging, RegMean and RegMean++ read the fine-tuned encoders and training examples;
 # multi-task learning trains jointly. Every rule calls `python -m pipeline merge`.
 
 
@@ -133,9 +133,10 @@ rule merge_with_data:
             if wc.method in TRAINED
             else merge_settings(wc.method)
         ),
+        budget=config["merging"]["budget_mib"],
         code=lambda wc: code_version("merge", wc.method),
     shell:
         "adamerge merge --zoo {params.zoo:q} --method {wildcards.method:q} "
         "--pretrained {input.pretrained:q} --finetuned {input.finetuned:q} --tasks {params.tasks:q} "
         "--heads {input.heads:q} --data {params.data:q} --settings {params.settings:q} "
-        "--out {output.model:q} --threads {threads} > {log:q} 2>&1"
+        "--budget-mib {params.budget:q} --out {output.model:q} --threads {threads} > {log:q} 2>&1"

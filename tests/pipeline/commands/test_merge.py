@@ -71,14 +71,19 @@ def test_cli_verbs(fake_zoo):
           "--out", str(root / "ta.safetensors")])
     ta = pd.read_parquet(root / "ta.parquet")
     torch.testing.assert_close(ta["accuracy"].tolist(), search[search["lambda"] == 0.5]["accuracy"].tolist())
-    for method, settings in (("fisher_merging", '{"examples": 4}'), ("regmean", '{"examples": 8}')):
+    for method, settings in (("fisher_merging", '{"examples": 4}'), ("regmean", '{"examples": 8}'),
+                             ("regmean_plusplus", '{"examples": 8}')):
         main(["merge", *base, "--method", method, "--tasks", *tasks,
               "--finetuned", *[str(root / f"{t}.safetensors") for t in tasks], *heads_data,
               "--settings", settings, "--out", str(root / f"{method}.safetensors")])
+    # the record holds the settings that ran, defaults included: which Fisher estimator, RegMean's alpha
+    assert json.loads((root / "fisher_merging.json").read_text())["settings"] == {
+        "examples": 4, "min_fisher": 1e-6, "normalize": True, "estimator": "exact", "batch_size": 32}
+    assert json.loads((root / "regmean.json").read_text())["settings"] == {"examples": 8, "alpha": 0.95}
     main(["merge", *base, "--method", "multitask", "--tasks", *tasks, *heads_data,
           "--settings", json.dumps(FT_CFG | {"steps": 2}), "--out", str(root / "mtl.safetensors")])
     reference = load_encoder_state(root / "colour.safetensors")
-    for name in ("wa", "neg", "ties", "fisher_merging", "regmean", "mtl"):
+    for name in ("wa", "neg", "ties", "fisher_merging", "regmean", "regmean_plusplus", "mtl"):
         state = load_encoder_state(root / f"{name}.safetensors")
         assert state.keys() == reference.keys() and all(bool(torch.isfinite(v).all()) for v in state.values()), name
         assert (root / f"{name}.json").exists()

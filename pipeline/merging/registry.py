@@ -15,6 +15,7 @@ from pipeline.merging import (
     task_arithmetic,
     task_negation,
     ties_merging,
+    tsv_merging,
     weight_averaging,
 )
 from pipeline.merging.contract import Method, Need
@@ -39,6 +40,8 @@ _METHODS = [
            frozenset({Need.TRAIN_DATA}), multitask.Settings, multitask.run, synthetic_only=True, table_row=1),
     Method("task_negation", "Task Negation", "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
            STORE, task_negation.Settings, task_negation.run, per_task=True),
+    Method("tsv_merging", "TSV-M", "Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model "
+           "Merging, CVPR 2025", STORE, tsv_merging.Settings, tsv_merging.run),
 ] + [
     Method(f"adamerging_{variant}", f"{'Layer' if layer_wise else 'Task'}-wise AdaMerging{'++' if plus else ''}",
            ADAMERGING, MODELS_AND_TEST, adamerging.Settings, adamerging.runner(variant),

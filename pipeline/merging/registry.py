@@ -18,6 +18,7 @@ from pipeline.merging import (
     ties_merging,
     tsv_merging,
     weight_averaging,
+    wudi,
 )
 from pipeline.merging.contract import Method, Need
 
@@ -46,6 +47,8 @@ _METHODS = [
            "Merging, CVPR 2025", STORE, tsv_merging.Settings, tsv_merging.run),
     Method("iso_c", "Iso-C", ISO, STORE, iso_merging.IsoCSettings, iso_merging.run_iso_c),
     Method("iso_cts", "Iso-CTS", ISO, STORE, iso_merging.IsoCTSSettings, iso_merging.run_iso_cts),
+    Method("wudi", "WUDI-Merging", "Cheng et al., Whoever Started the Interference Should End It: Guiding Data-Free "
+           "Model Merging via Task Vectors, ICML 2025", STORE, wudi.Settings, wudi.run),
 ] + [
     Method(f"adamerging_{variant}", f"{'Layer' if layer_wise else 'Task'}-wise AdaMerging{'++' if plus else ''}",
            ADAMERGING, MODELS_AND_TEST, adamerging.Settings, adamerging.runner(variant),

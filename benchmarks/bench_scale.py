@@ -134,7 +134,10 @@ print(json.dumps({"load_seconds": loaded - start, "merge_seconds": done - loaded
 
 
 def run_child(python: str, code: str, args: list[str], log: Path) -> dict:
-    """Run ``code`` in a fresh process; its JSON result, wall seconds and peak RSS (GiB)."""
+    """Run ``code`` in a fresh process; its JSON result, wall seconds and peak RSS (GiB): the
+    child's ru_maxrss, unless its JSON has its own ``peak_rss_gib`` (ru_maxrss of a child
+    counts the parent's RSS at the fork, which exec keeps; a child that reports its VmHWM is
+    exact)."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     start = time.perf_counter()
     with open(log, "w") as err:
@@ -144,7 +147,7 @@ def run_child(python: str, code: str, args: list[str], log: Path) -> dict:
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{python} failed (exit {os.waitstatus_to_exitcode(status)}); see {log}")
-    return {**json.loads(out.strip().splitlines()[-1]), "wall_s": wall, "peak_rss_gib": usage.ru_maxrss / 2**20}
+    return {"wall_s": wall, "peak_rss_gib": usage.ru_maxrss / 2**20, **json.loads(out.strip().splitlines()[-1])}
 
 
 def compare(path_a: Path, path_b: Path) -> dict:

@@ -5,9 +5,11 @@
 # FusionBench joins the AdaMerging benchmark when `fusion_bench` is importable: wheels found in
 # .whl/ (ignored by git, carried to the device; see docs/benchmarks.md) are installed first into
 # $PYTHON's environment. Then the real-zoo workflow's stages and evaluation throughput
-# (benchmarks/bench_real_zoo.py). Writes to $OUT: kernel_tests.log, bench_kernels.{json,md},
-# bench_adamerging.log, bench_adamerging_{fp32,tf32,bf16}.json, bench_real_zoo.{log,md} and
-# summary.md.
+# (benchmarks/bench_real_zoo.py), and the per-matrix successor methods (TSV-M, Iso-C, Iso-CTS,
+# WUDI) on 8 ViT-B/32 task vectors against FusionBench's functions when it is importable
+# (benchmarks/bench_successors_svd.py). Writes to $OUT: kernel_tests.log, bench_kernels.{json,md},
+# bench_adamerging.log, bench_adamerging_{fp32,tf32,bf16}.json, bench_real_zoo.{log,md},
+# bench_successors_svd.{log,md,json} and summary.md.
 #     OUT=/path bash benchmarks/gpu.sh
 # On a short device budget: PRECISIONS="bf16 fp32" KERNEL_BENCH=0 (skips the kernel benchmark).
 set -u
@@ -58,6 +60,17 @@ if [ "${REAL_ZOO:-1}" != 0 ]; then
     tail -n 30 "$OUT/bench_real_zoo.log"
 fi
 
+# TSV-M, Iso-C, Iso-CTS and WUDI (300 Adam steps) on the whole ViT-B/32 encoder x 8 tasks, on
+# CUDA, ours streamed from the store against FusionBench's functions. SUCCESSORS=0 skips it.
+svd_rc=0
+if [ "${SUCCESSORS:-1}" != 0 ]; then
+    timeout "${SVD_TIMEOUT:-480}" "$PYTHON" benchmarks/bench_successors_svd.py --device cuda --blocks 12 --tasks 8 \
+        --threads 0 --md "$OUT/bench_successors_svd.md" --json "$OUT/bench_successors_svd.json" \
+        >"$OUT/bench_successors_svd.log" 2>&1
+    svd_rc=$?
+    tail -n 8 "$OUT/bench_successors_svd.log"
+fi
+
 "$PYTHON" - "$OUT" "$JUNIT" "$tests_rc" "$bench_rc" "$ada_rc" <<'PY'
 import sys, xml.etree.ElementTree as ET
 from pathlib import Path
@@ -82,7 +95,9 @@ if (out / "bench_adamerging.log").exists():
     lines += ["", "## AdaMerging", "", "```", (out / "bench_adamerging.log").read_text(), "```"]
 if (out / "bench_real_zoo.md").exists():
     lines += ["", "# Real-zoo workflow", "", (out / "bench_real_zoo.md").read_text()]
+if (out / "bench_successors_svd.md").exists():
+    lines += ["", "# Per-matrix successor methods", "", (out / "bench_successors_svd.md").read_text()]
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines[:3]))
 PY
-exit $(( tests_rc != 0 || bench_rc != 0 || ada_rc != 0 || zoo_rc != 0 ))
+exit $(( tests_rc != 0 || bench_rc != 0 || ada_rc != 0 || zoo_rc != 0 || svd_rc != 0 ))

@@ -10,13 +10,16 @@ from __future__ import annotations
 from pipeline.merging import (
     adamerging,
     fisher_merging,
+    iso_merging,
     multitask,
     regmean,
     regmean_plusplus,
     task_arithmetic,
     task_negation,
     ties_merging,
+    tsv_merging,
     weight_averaging,
+    wudi,
 )
 from pipeline.merging.contract import Method, Need
 
@@ -24,6 +27,7 @@ STORE = frozenset({Need.TASK_VECTORS})
 MODELS_AND_TRAIN = frozenset({Need.MODELS, Need.TRAIN_DATA})
 MODELS_AND_TEST = frozenset({Need.MODELS, Need.TEST_DATA})
 ADAMERGING = "Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024"
+ISO = "Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, ICML 2025"
 
 _METHODS = [
     Method("weight_averaging", "Weight Averaging", "Wortsman et al., Model soups, ICML 2022", STORE,
@@ -43,6 +47,12 @@ _METHODS = [
            frozenset({Need.TRAIN_DATA}), multitask.Settings, multitask.run, synthetic_only=True, table_row=1),
     Method("task_negation", "Task Negation", "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
            STORE, task_negation.Settings, task_negation.run, per_task=True),
+    Method("tsv_merging", "TSV-M", "Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model "
+           "Merging, CVPR 2025", STORE, tsv_merging.Settings, tsv_merging.run),
+    Method("iso_c", "Iso-C", ISO, STORE, iso_merging.IsoCSettings, iso_merging.run_iso_c),
+    Method("iso_cts", "Iso-CTS", ISO, STORE, iso_merging.IsoCTSSettings, iso_merging.run_iso_cts),
+    Method("wudi", "WUDI-Merging", "Cheng et al., Whoever Started the Interference Should End It: Guiding Data-Free "
+           "Model Merging via Task Vectors, ICML 2025", STORE, wudi.Settings, wudi.run),
 ] + [
     Method(f"adamerging_{variant}", f"{'Layer' if layer_wise else 'Task'}-wise AdaMerging{'++' if plus else ''}",
            ADAMERGING, MODELS_AND_TEST, adamerging.Settings, adamerging.runner(variant),

@@ -14,6 +14,12 @@ contract, which :func:`run` drives, is three methods:
   entries whose value only the whole pass could decide (TIES: exact sign cancellations
   under a negative majority), else an empty list.
 
+A reducer whose ``whole_tensors`` attribute is true (per-matrix methods: an SVD or an
+optimisation per weight matrix) gets one block per tensor instead of chunks: ``span`` covers
+the whole tensor and the (K, n) block reshapes to the tensor's K task matrices. Those blocks
+are read by the same prefetching reader within the budget; a tensor whose K task vectors
+take more than half the budget is still read whole (one block in flight, with a warning).
+
 :class:`Linear` (sum_k c_k tau_k, one coefficient per task or per task and tensor) is the
 reducer of weight averaging, Task Arithmetic, task negation and learned layer-wise
 coefficients: one pass over the store. On CPU, large merges run the per-block work through
@@ -30,6 +36,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -82,28 +89,43 @@ class Reader:
     workers: int = 2
     device: torch.device | str = "cpu"
     compile: bool | None = None  # compile the CPU per-block work (None: for large stores)
+    whole_tensors: bool = False  # blocks of whole tensors (one span per tensor), not chunks
     bytes_read: int = 0
     passes: int = 0
 
     def __post_init__(self):
-        block = max(span.stop - span.start for _, span in self.store.spans()) * len(self.store.tasks) * 4
-        self.depth = int(self.budget_mib * 2**20 / 2 // block)
-        if self.depth < 1:
+        size, budget = max(span.stop - span.start for _, span in self.spans()), self.budget_mib * 2**20
+        block = size * len(self.store.tasks) * 4
+        self.depth = int(budget / 2 // block)
+        if self.depth < 1 and not self.whole_tensors:
             raise ValueError(f"a block of {len(self.store.tasks)} task-vector chunks of {self.store.root} takes "
-                             f"{_size(block)}, more than half the memory budget of {_size(self.budget_mib * 2**20)}: "
+                             f"{_size(block)}, more than half the memory budget of {_size(budget)}: "
                              "raise the budget (merging.budget_mib) or write the store with a smaller "
                              "merging.chunk_mib")
-        self.depth = min(self.depth, 16)
+        if self.depth < 1:
+            log.warning("the largest tensor's %d task vectors take %s, more than half the memory budget of %s: it "
+                        "is read whole all the same (raise merging.budget_mib to bound the memory)",
+                        len(self.store.tasks), _size(block), _size(budget))
+        self.depth = min(max(self.depth, 1), 16)
         _return_large_frees_to_the_os()
         self._pool = ThreadPoolExecutor(self.workers)
 
+    def spans(self) -> list[tuple[str, slice]]:
+        """The spans of a full pass in store order: the store's chunks, or with ``whole_tensors``
+        one span per (non-empty) tensor."""
+        if self.whole_tensors:
+            sizes = ((key, math.prod(self.store.shapes[key])) for key in self.store.keys)
+            return [(key, slice(0, n)) for key, n in sizes if n]
+        return list(self.store.spans())
+
     def blocks(self, spans: Sequence[tuple[str, slice]] | None = None, desc: str | None = None) -> Iterator[Block]:
         """Yield ``(key, span, (K, n) fp32 block on the device)`` in order, read ahead."""
-        spans = list(self.store.spans()) if spans is None else list(spans)
+        spans = self.spans() if spans is None else list(spans)
         self.passes += 1
         pending: deque = deque()
         it = iter(spans)
-        bar = tqdm(total=len(spans), desc=desc, disable=desc is None, mininterval=2, unit="chunk")
+        bar = tqdm(total=len(spans), desc=desc, disable=desc is None, mininterval=2,
+                   unit="tensor" if self.whole_tensors else "chunk")
         for key, span in it:
             pending.append((key, span, self._pool.submit(self.store.read_block, key, span)))
             if len(pending) >= self.depth:
@@ -204,6 +226,11 @@ def _check_base(store: TaskVectorStore, pretrained: Mapping[str, torch.Tensor]) 
             raise ValueError(f"{key}: pretrained shape {tuple(pretrained[key].shape)}, store has {store.shapes[key]}")
 
 
+def _whole(reducer) -> bool:
+    """Whether ``reducer`` takes whole-tensor blocks (its ``whole_tensors`` attribute)."""
+    return bool(getattr(reducer, "whole_tensors", False))
+
+
 def run(reader: Reader, reducer, sink: Callable[[str, slice, torch.Tensor], None], desc: str) -> None:
     """The reducer's statistics passes, then its apply pass into ``sink(key, span, merged)``."""
     reducer.prepare(reader)
@@ -216,7 +243,7 @@ def merge_to_memory(store: TaskVectorStore, reducer, budget_mib: float = DEFAULT
                     compile: bool | None = None) -> dict[str, torch.Tensor]:
     """The merged task vector as full-shape fp32 CPU tensors."""
     out = {k: torch.empty(store.shapes[k], dtype=torch.float32) for k in store.keys}
-    reader = Reader(store, budget_mib, device=device, compile=compile)
+    reader = Reader(store, budget_mib, device=device, compile=compile, whole_tensors=_whole(reducer))
     try:
         run(reader, reducer, lambda key, span, v: out[key].view(-1)[span].copy_(v), desc)
     finally:
@@ -231,7 +258,8 @@ def merge_to_file(store: TaskVectorStore, reducer, pretrained: Mapping[str, torc
                   metadata: Mapping[str, str] | None = None, desc: str | None = None,
                   compile: bool | None = None) -> dict:
     """Write pretrained + reducer(task vectors) as safetensors with every key of
-    ``pretrained`` (tensors outside the store copied), one chunk in memory at a time.
+    ``pretrained`` (tensors outside the store copied), one block (a chunk, or a whole tensor for
+    reducers with ``whole_tensors``) in memory at a time.
     Returns a summary: seconds, passes, bytes read, patched entries."""
     _check_base(store, pretrained)
     start = time.perf_counter()
@@ -239,7 +267,7 @@ def merge_to_file(store: TaskVectorStore, reducer, pretrained: Mapping[str, torc
     specs = [(k, pretrained[k].dtype, tuple(pretrained[k].shape))
              for k in [k for k in pretrained if k not in in_store] + store.keys]
     writer = SafetensorsWriter(out, specs, metadata)
-    reader = Reader(store, budget_mib, device=device, compile=compile)
+    reader = Reader(store, budget_mib, device=device, compile=compile, whole_tensors=_whole(reducer))
     pending = iter(specs)
     current: dict = {}
 

@@ -338,12 +338,13 @@ class TaskVectorStore:
 
     def _read_span(self, task: str, key: str, span: slice, out: torch.Tensor) -> None:
         """``key[span]`` of ``task`` into ``out`` from the whole chunks it overlaps (one, unless
-        ``task`` was written with other chunks than the first task)."""
+        ``task`` was written with other chunks than the first task, or the span is a whole
+        tensor); chunks inside the span are read straight into their part of ``out``."""
         step, size = self._layout(task, key).step, self._array(task, key).shape[0]
         for index in range(span.start // step, -(-span.stop // step)):
             lo, hi = index * step, min((index + 1) * step, size)
-            if (lo, hi) == (span.start, span.stop):
-                self._read_chunk(task, key, index, out)
+            if span.start <= lo and hi <= span.stop:
+                self._read_chunk(task, key, index, out[lo - span.start:hi - span.start])
                 continue
             chunk = torch.empty(hi - lo, dtype=torch.float32)
             self._read_chunk(task, key, index, chunk)

@@ -26,8 +26,30 @@ def merged(name: str, pre: dict, store: TaskVectorStore, **settings) -> dict:
     return spec.run(Inputs(pre, store.tasks, store), spec.configure(settings)).state_dict()
 
 
+def merged_vector(name: str, store: TaskVectorStore, **settings) -> dict:
+    """The merged task vector of method ``name`` (before its lambda), streamed."""
+    spec = registry.method(name)
+    return spec.run(Inputs({}, store.tasks, store), spec.configure(settings)).vector()
+
+
 def float_keys(pre):
     return [k for k, v in pre.items() if v.is_floating_point()]
+
+
+def task_stacks(pre, fts) -> dict[str, torch.Tensor]:
+    """Per floating tensor its (K, *shape) fp32 task vectors, in memory."""
+    return {k: torch.stack([ft[k].float() - pre[k].float() for ft in fts.values()]) for k in float_keys(pre)}
+
+
+def polar64(x: torch.Tensor) -> torch.Tensor:
+    """The orthogonal Procrustes factor of a full-rank matrix in float64, from the symmetric
+    inverse square root: x (x^T x)^-1/2, or (x x^T)^-1/2 x for a wide x."""
+    x = x.double()
+    wide = x.shape[0] < x.shape[1]
+    gram = x @ x.T if wide else x.T @ x
+    vals, vecs = torch.linalg.eigh(gram)
+    inv_sqrt = vecs @ torch.diag(vals.rsqrt()) @ vecs.T
+    return inv_sqrt @ x if wide else x @ inv_sqrt
 
 
 def dense_tvs(pre, fts) -> torch.Tensor:

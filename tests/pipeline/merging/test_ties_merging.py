@@ -3,18 +3,8 @@ import math
 
 import pytest
 import torch
-from helpers.merging import TASKS, assert_state_close, dense_tvs, make_store, merged, unflatten
+from helpers.merging import TASKS, assert_state_close, dense_tvs, make_store, merged, merged_vector, unflatten
 from helpers.store import encoder_state
-
-from pipeline.merging import registry
-from pipeline.merging.contract import Inputs
-from pipeline.store.task_vectors import TaskVectorStore
-
-
-def vector(name: str, store: TaskVectorStore, **settings) -> dict:
-    """The merged task vector of a searched method (before its lambda)."""
-    spec = registry.method(name)
-    return spec.run(Inputs({}, store.tasks, store), spec.configure(settings)).vector()
 
 
 def dense_ties(tvs: torch.Tensor, k: float, merge: str) -> torch.Tensor:
@@ -58,7 +48,7 @@ def test_ties_keeps_exactly_with_ties_and_zero_signs(tmp_path, k, merge):
     store = make_store(tmp_path, fts, pre)
     tvs = dense_tvs(pre, fts)
     expected = dense_ties(tvs, k, merge)
-    got = vector("ties_merging", store, k=k, merge=merge)
+    got = merged_vector("ties_merging", store, k=k, merge=merge)
     flat = torch.cat([got[key].reshape(-1) for key in store.keys])
     assert torch.equal(flat, expected)
     zero_sign = (tvs[0] == -tvs[1]) & (tvs[2] == -tvs[3])
@@ -68,6 +58,6 @@ def test_ties_keeps_exactly_with_ties_and_zero_signs(tmp_path, k, merge):
 def test_ties_rejects_bad_settings(zoo):
     _, _, store = zoo
     with pytest.raises(ValueError, match="mean"):
-        vector("ties_merging", store, k=20, merge="max")
+        merged_vector("ties_merging", store, k=20, merge="max")
     with pytest.raises(ValueError, match="percentage"):
-        vector("ties_merging", store, k=120, merge="mean")
+        merged_vector("ties_merging", store, k=120, merge="mean")

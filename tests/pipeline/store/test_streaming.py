@@ -135,6 +135,41 @@ def test_budget_too_small_names_the_fix(tmp_path):
         Reader(TaskVectorStore(tmp_path / "small.zarr", ["a"]), budget_mib=200 / 1024)
 
 
+def test_whole_tensor_blocks(tmp_path, caplog):
+    """A reducer with ``whole_tensors`` gets one block per tensor in store order (chunks of 37
+    entries read straight into it), equal to the dense values; through Scaled too; a tensor
+    over half the budget is read whole with a warning, where chunks that size are refused; a
+    per-matrix reducer refuses chunked blocks."""
+    from pipeline.merging.streamed import PerMatrix
+    from pipeline.store.streaming import run
+
+    tvs = task_vectors()
+    store = make_store(tmp_path / "tv.zarr", tvs, chunk_elems=37)
+    sizes = [torch.Size(s).numel() for s in SHAPES.values()]
+    reader = Reader(store, budget_mib=1, whole_tensors=True)
+    blocks = list(reader.blocks())
+    reader.close()
+    assert [(k, span) for k, span, _ in blocks] == [(k, slice(0, n)) for k, n in zip(SHAPES, sizes)]
+    assert torch.equal(torch.cat([b for _, _, b in blocks], dim=1), tvs)
+
+    reducer = Scaled(PerMatrix(lambda t: t.sum(0) * 2), 0.5)  # matrices: the sum; others: the mean
+    assert reducer.whole_tensors
+    expected = torch.cat([part.sum(0) if len(s) == 2 else 0.5 * part.mean(0) for s, part in
+                          zip(SHAPES.values(), tvs.split(sizes, dim=1))])
+    assert torch.equal(flat(merge_to_memory(store, reducer, budget_mib=1)), expected)
+
+    n_max = max(sizes) * len(TASKS) * 4 / 2**20  # the largest tensor's block, MiB
+    Reader(store, budget_mib=1.5 * n_max, whole_tensors=True).close()
+    assert "read whole all the same" in caplog.text
+    with pytest.raises(ValueError, match="more than half the memory budget"):
+        Reader(store, budget_mib=2 * 37 * len(TASKS) * 4 / 2**20 * 0.9)
+    reader = Reader(store, budget_mib=1)
+    with pytest.raises(ValueError, match=r"conv\.weight: a per-matrix reducer needs whole tensors, got entries "
+                                         r"slice\(0, 33"):
+        run(reader, PerMatrix(lambda t: t.sum(0)), lambda *_: None, desc=None)
+    reader.close()
+
+
 @pytest.mark.parametrize("how", ["fp16 overflow", "inf in the pretrained weights"])
 def test_non_finite_merges_are_refused_leaving_no_file(tmp_path, how):
     """Checked block by block as the streamed writer writes them (the store's reader refuses

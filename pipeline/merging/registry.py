@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pipeline.merging import (
     adamerging,
+    dare,
     fisher_merging,
     multitask,
     regmean,
@@ -39,6 +40,8 @@ _METHODS = [
            frozenset({Need.TRAIN_DATA}), multitask.Settings, multitask.run, synthetic_only=True, table_row=1),
     Method("task_negation", "Task Negation", "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
            STORE, task_negation.Settings, task_negation.run, per_task=True),
+    Method("dare", "DARE", "Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models "
+           "as a Free Lunch, ICML 2024", STORE, dare.Settings, dare.run, searched=True),
 ] + [
     Method(f"adamerging_{variant}", f"{'Layer' if layer_wise else 'Task'}-wise AdaMerging{'++' if plus else ''}",
            ADAMERGING, MODELS_AND_TEST, adamerging.Settings, adamerging.runner(variant),

@@ -1,37 +1,8 @@
-"""TIES-Merging against a plain dense torch implementation written here."""
-import math
-
+"""TIES-Merging against a plain dense torch implementation (tests/helpers/merging.py)."""
 import pytest
 import torch
-from helpers.merging import TASKS, assert_state_close, dense_tvs, make_store, merged, unflatten
+from helpers.merging import TASKS, assert_state_close, dense_ties, dense_tvs, make_store, merged, unflatten, vector
 from helpers.store import encoder_state
-
-from pipeline.merging import registry
-from pipeline.merging.contract import Inputs
-from pipeline.store.task_vectors import TaskVectorStore
-
-
-def vector(name: str, store: TaskVectorStore, **settings) -> dict:
-    """The merged task vector of a searched method (before its lambda)."""
-    spec = registry.method(name)
-    return spec.run(Inputs({}, store.tasks, store), spec.configure(settings)).vector()
-
-
-def dense_ties(tvs: torch.Tensor, k: float, merge: str) -> torch.Tensor:
-    """TIES semantics (kernels.ties_merge docstring), written directly."""
-    d = tvs.shape[1]
-    keep = math.floor(d * k / 100)
-    mags = tvs.abs()
-    if keep == d:
-        thr = torch.zeros(len(tvs), 1)
-    else:
-        thr = mags.sort(dim=1).values[:, d - keep - 1:d - keep]  # the (d - keep)-th smallest, 1-based
-    trimmed = torch.where(mags >= thr, tvs, 0.0)
-    sign = torch.sign(trimmed.sum(0))
-    sign[sign == 0] = torch.sign(sign.sum())
-    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
-    total = torch.where(agree, trimmed, 0.0).sum(0)
-    return total / agree.sum(0).clamp(min=1) if merge == "mean" else total
 
 
 @pytest.mark.parametrize("merge", ["mean", "sum"])

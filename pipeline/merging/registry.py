@@ -9,21 +9,27 @@ from __future__ import annotations
 
 from pipeline.merging import (
     adamerging,
+    consensus_ta,
+    consensus_ties,
     dare,
+    emr_merging,
     fisher_merging,
     multitask,
     regmean,
     task_arithmetic,
+    tall_masks,
     task_negation,
     ties_merging,
     weight_averaging,
 )
 from pipeline.merging.contract import Method, Need
+from pipeline.merging.streamed import route
 
 STORE = frozenset({Need.TASK_VECTORS})
 MODELS_AND_TRAIN = frozenset({Need.MODELS, Need.TRAIN_DATA})
 MODELS_AND_TEST = frozenset({Need.MODELS, Need.TEST_DATA})
 ADAMERGING = "Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024"
+TALL = "Wang et al., Localizing Task Information for Improved Model Merging and Compression, ICML 2024"
 
 _METHODS = [
     Method("weight_averaging", "Weight Averaging", "Wortsman et al., Model soups, ICML 2022", STORE,
@@ -42,6 +48,12 @@ _METHODS = [
            STORE, task_negation.Settings, task_negation.run, per_task=True),
     Method("dare", "DARE", "Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models "
            "as a Free Lunch, ICML 2024", STORE, dare.Settings, dare.run, searched=True),
+    Method("consensus_ta", "Consensus TA", TALL, STORE, consensus_ta.Settings, consensus_ta.run, searched=True),
+    Method("consensus_ties", "Consensus TIES", TALL, STORE, consensus_ties.Settings, consensus_ties.run,
+           searched=True),
+    Method("tall_masks", "TALL Masks", TALL, STORE, tall_masks.Settings, tall_masks.run, route=route),
+    Method("emr_merging", "EMR-Merging", "Huang et al., EMR-Merging: Tuning-Free High-Performance Model Merging, "
+           "NeurIPS 2024", STORE, emr_merging.Settings, emr_merging.run, route=route),
 ] + [
     Method(f"adamerging_{variant}", f"{'Layer' if layer_wise else 'Task'}-wise AdaMerging{'++' if plus else ''}",
            ADAMERGING, MODELS_AND_TEST, adamerging.Settings, adamerging.runner(variant),

@@ -1,0 +1,58 @@
+"""The task-routed merge file (RoutedMerge): bit packing, the tasks it answers for, its route
+into an encoder, and its refusals."""
+import pytest
+import torch
+from helpers.merging import make_store, routed_states
+from safetensors.torch import save_file
+from torch import nn
+
+from pipeline.merging import registry
+from pipeline.merging.contract import Inputs
+from pipeline.merging.streamed import pack_bits, route, task_states, unpack_bits
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 1001])
+def test_bits_round_trip(n):
+    bits = torch.rand(3, -(-n // 8) * 8, generator=torch.Generator().manual_seed(n)) > 0.5
+    packed = pack_bits(bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, -(-n // 8))
+    assert all(torch.equal(unpack_bits(row, n), b[:n]) for row, b in zip(packed, bits))
+    assert int(pack_bits(torch.tensor([[True] + [False] * 7]))[0, 0]) == 1  # entry 8 b + j is bit j of byte b
+
+
+def test_task_states_follow_the_tasks_asked_for(zoo, tmp_path):
+    pre, _, store = zoo
+    states, _ = routed_states("emr_merging", pre, store, tmp_path / "m.safetensors")
+    again = list(task_states(tmp_path / "m.safetensors", pre, ["c", "a"]))
+    assert all(torch.equal(again[0][k], states[2][k]) and torch.equal(again[1][k], states[0][k]) for k in pre)
+    assert torch.equal(states[0]["ids"], pre["ids"]) and states[0]["half.weight"].dtype == torch.float16
+    with pytest.raises(ValueError, match=r"holds the masks of tasks \['a', 'b', 'c', 'd'\], not of \['x'\]"):
+        next(task_states(tmp_path / "m.safetensors", pre, ["a", "x"]))
+    save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="plain.safetensors is no task-routed merge"):
+        next(task_states(tmp_path / "plain.safetensors", pre, ["a"]))
+
+
+def test_route_loads_each_task_into_the_encoder(tmp_path):
+    """A real module: route yields the encoder itself holding task t's weights, in task order;
+    non-floating buffers and the other tasks' weights are untouched by it."""
+    encoder = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3))
+    pre = {k: v.clone() for k, v in encoder.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    fts = {t: {k: v + torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in pre.items()}
+           for t in ("a", "b")}
+    store = make_store(tmp_path, fts, pre)
+    states, _ = routed_states("tall_masks", pre, store, tmp_path / "tall.safetensors")
+    seen = []
+    for task_encoder, expected in zip(route(tmp_path / "tall.safetensors", encoder, ["a", "b"]), states):
+        assert task_encoder is encoder
+        seen.append({k: v.clone() for k, v in encoder.state_dict().items()})
+        assert all(torch.equal(seen[-1][k], expected[k]) for k in expected)
+    assert len(seen) == 2 and not torch.equal(seen[0]["0.weight"], seen[1]["0.weight"])
+
+
+def test_a_routed_merge_has_no_single_state_dict(zoo):
+    pre, _, store = zoo
+    spec = registry.method("tall_masks")
+    with pytest.raises(TypeError, match="one encoder per task"):
+        spec.run(Inputs(pre, store.tasks, store), spec.configure()).state_dict()

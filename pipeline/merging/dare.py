@@ -3,11 +3,12 @@ with probability p, rescale the survivors by 1/(1-p), then merge the dropped tas
 Task Arithmetic or TIES-Merging (``base``): theta_pre + lambda * base(dropped tau).
 
 The drop decision of an entry is a counter-based hash of (seed, task name, tensor key, flat
-index in the tensor): two rounds of a 32-bit xorshift-multiply mixer (lowbias32, C. Wellons'
-hash prospector) in int64 arithmetic whose products never overflow, so the masks are the
-same whatever the store's chunk size or the memory budget, on CPU and CUDA alike, and a
+index in the tensor): two rounds of a 32-bit xorshift-multiply mixer (in the style of C.
+Wellons' hash prospector) in int64 arithmetic whose products never overflow, so the masks are
+the same whatever the store's chunk size or the memory budget, on CPU and CUDA alike, and a
 task's mask does not depend on which other tasks are merged. An entry survives when the top
-24 bits of its hash are at least round(p * 2^24): probability 1 - p up to 2^-25.
+24 bits of its hash are at least round(p * 2^24): probability 1 - p up to 2^-25. The tests
+check the survivors' Binomial law and their independence across entries and tasks.
 
 Streaming: the dropped block replaces the block everywhere the base method reads one, its
 statistics passes included (TIES' exact top-k thresholds are those of the dropped vectors),
@@ -33,26 +34,22 @@ _M32 = 0xFFFFFFFF
 _BITS = 24  # hash bits compared with the drop threshold
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """x * c mod 2^32 for int64 x in [0, 2^32): the constant split in 16-bit halves, so no
-    product leaves int64."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
 def _mix(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32: a bijection of [0, 2^32) with full avalanche."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    """A bijection of [0, 2^32) with full avalanche, in place on int64 ``x``: xorshift-multiply
+    rounds with odd multipliers below 2^31, so that no product leaves int64."""
+    x ^= x >> 16
+    x.mul_(0x21F0AAAD).bitwise_and_(_M32)
+    x ^= x >> 15
+    x.mul_(0x735A2D97).bitwise_and_(_M32)
+    x ^= x >> 15
+    return x
 
 
 def _survive(index: torch.Tensor, seeds: torch.Tensor, threshold: int) -> torch.Tensor:
     """(K, n) bool: entry ``index`` (n,) int64 of each task survives; ``seeds`` (K, 2) int64."""
     x = _mix((index & _M32)[None, :] ^ seeds[:, :1])
-    x = _mix(x ^ (index >> 32)[None, :] ^ seeds[:, 1:])
-    return (x >> (32 - _BITS)) >= threshold
+    x ^= (index >> 32)[None, :] ^ seeds[:, 1:]
+    return _mix(x) >= threshold << (32 - _BITS)
 
 
 def _dare_block(block: torch.Tensor, seeds: torch.Tensor, start: torch.Tensor, threshold: int,

@@ -42,3 +42,4 @@ def test_consensus_ties_remasks_the_patched_cancellations(tmp_path):
     again = flat(vector("consensus_ties", make_store(tmp_path / "t", values, chunk_elems=500), k=50, agree=1,
                         mask_lambda=0.2), store)
     assert torch.equal(again, got)
+

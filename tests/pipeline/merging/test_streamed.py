@@ -1,9 +1,12 @@
-"""The task-routed merge file (RoutedMerge): bit packing, the tasks it answers for, its route
-into an encoder, and its refusals."""
+"""The streamed merges: a saved StreamedMerge equals the in-memory one; the task-routed merge
+file (RoutedMerge): bit packing, the tasks it answers for, its route into an encoder, and its
+refusals."""
 import pytest
 import torch
 from helpers.merging import make_store, routed_states
-from safetensors.torch import save_file
+from helpers.store import make_store as make_values_store
+from helpers.store import task_vectors
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.merging import registry
@@ -56,3 +59,20 @@ def test_a_routed_merge_has_no_single_state_dict(zoo):
     spec = registry.method("tall_masks")
     with pytest.raises(TypeError, match="one encoder per task"):
         spec.run(Inputs(pre, store.tasks, store), spec.configure()).state_dict()
+
+
+@pytest.mark.parametrize("name, settings", [("dare", {"base": "ties", "p": 0.2, "k": 50}), ("consensus_ta", {}),
+                                            ("consensus_ties", {"k": 50})])
+def test_a_saved_streamed_merge_equals_the_in_memory_one(tmp_path, name, settings):
+    """save() (written chunk by chunk, TIES' patches applied to the file) = state_dict(), on task
+    vectors with exact sign cancellations under a negative majority (which TIES patches)."""
+    values = task_vectors("levels", k=4, seed=5) - 0.5
+    values[1, :300] = -values[0, :300]
+    values[3, :300] = -values[2, :300]
+    store = make_values_store(tmp_path / "s", values, chunk_elems=37)
+    pre = {k: torch.randn(store.shapes[k]) for k in store.keys}
+    spec = registry.method(name)
+    merge = spec.run(Inputs(pre, store.tasks, store), spec.configure(settings))
+    merge.save(tmp_path / "m.safetensors")
+    written, in_memory = load_file(tmp_path / "m.safetensors"), merge.state_dict()
+    assert all(torch.equal(written[k], in_memory[k]) for k in pre)

@@ -203,7 +203,8 @@ def main() -> None:
         a = p.parse_args()
         a.workdir = Path(a.workdir)
     if a.method != "ties_merging" and (a.peer or a.twin):
-        p.error(f"--peer and --twin compare TIES; {a.method} against FusionBench: benchmarks/bench_successors_streaming.py")
+        p.error(f"--peer and --twin compare TIES; {a.method} against FusionBench: "
+                "benchmarks/bench_successors_streaming.py")
 
     torch.set_num_threads(2)
     storage = Storage(a.dtype, a.codec)

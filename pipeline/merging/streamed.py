@@ -120,7 +120,8 @@ class RoutedMerge:
                 return
             carry = current["carry"]
             if carry.shape[1]:
-                current["packed"].append(pack_bits(torch.cat([carry, carry.new_zeros(len(tasks), 8 - carry.shape[1])], 1)).cpu())
+                padded = torch.cat([carry, carry.new_zeros(len(tasks), 8 - carry.shape[1])], 1)
+                current["packed"].append(pack_bits(padded).cpu())
             packed = torch.cat(current["packed"], 1)
             for row, task in zip(packed, tasks):
                 writer.write(f"mask.{task}.{current['key']}", row)
@@ -167,6 +168,10 @@ def task_states(path: str | Path, pretrained: Mapping[str, torch.Tensor],
     missing = [t for t in tasks if t not in stored]
     if missing:
         raise ValueError(f"{path} holds the masks of tasks {stored}, not of {missing}: merge again with these tasks")
+    foreign = [k for k in keys if k not in pretrained]
+    if foreign:
+        raise ValueError(f"{path} holds tensors the pretrained encoder lacks, e.g. {foreign[:3]}: the merge was made "
+                         "for another architecture")
     scales = file.get_tensor("scales")
     for task in tasks:
         scale = float(scales[stored.index(task)])

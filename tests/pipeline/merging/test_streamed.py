@@ -31,6 +31,8 @@ def test_task_states_follow_the_tasks_asked_for(zoo, tmp_path):
     assert torch.equal(states[0]["ids"], pre["ids"]) and states[0]["half.weight"].dtype == torch.float16
     with pytest.raises(ValueError, match=r"holds the masks of tasks \['a', 'b', 'c', 'd'\], not of \['x'\]"):
         next(task_states(tmp_path / "m.safetensors", pre, ["a", "x"]))
+    with pytest.raises(ValueError, match=r"tensors the pretrained encoder lacks, e\.g\. \['conv1\.weight'\]"):
+        next(task_states(tmp_path / "m.safetensors", {k: v for k, v in pre.items() if k != "conv1.weight"}, ["a"]))
     save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="plain.safetensors is no task-routed merge"):
         next(task_states(tmp_path / "plain.safetensors", pre, ["a"]))

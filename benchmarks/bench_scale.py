@@ -1,5 +1,6 @@
-"""Out-of-core TIES at scale: K random task vectors of a real image encoder's shapes in a zarr
-store on disk, merged by the streaming engine, against one sequential read of the store and,
+"""Out-of-core TIES (or any streamed method: ``--method``) at scale: K random task vectors of a
+real image encoder's shapes in a zarr store on disk, merged by the streaming engine through the
+method's registry entry, against one sequential read of the store and, for TIES
 with ``--peer``, against FusionBench's TIES (the dense in-memory way: flatten K x N, kthvalue
 per row) run by the peer itself on the same task vectors: its ``state_dict_to_vector`` and
 ``ties_merging``, what its ``TiesMergingAlgorithm.run`` calls once the models are loaded (the
@@ -8,8 +9,10 @@ whole algorithm with 9 loaded ViT-B/32 models was killed for memory on a 24 GB m
     python benchmarks/bench_scale.py --model ViT-L-14 --tasks 20 --workdir /path/with/30GB
     /tmp/fb-venv/bin/python benchmarks/bench_scale.py --model ViT-B-32 --tasks 8 --peer
     python benchmarks/bench_scale.py --config benchmarks/scale.yaml
+    python benchmarks/bench_scale.py --model ViT-B-32 --tasks 8 --method emr_merging
 
-Each merge runs in its own process; its peak RSS is that process's ru_maxrss. The page cache
+Each merge runs in its own process; its peak RSS is that process's VmHWM (not ru_maxrss, which
+holds the resident size of the parent the child was forked from). The page cache
 is dropped before each timed phase when the user may (root), so every phase reads from disk.
 With ``--twin`` (default for models up to ViT-B size) the in-memory torch twin
 (``kernels.ties_merge`` on the K x N matrix) checks that the streamed output is identical.
@@ -31,9 +34,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from pipeline.merging import registry  # noqa: E402
 from pipeline.store.task_vectors import Storage, TaskVectorStore, write_diffs  # noqa: E402
 
 K_PERCENT, LAM, MERGE = 20, 0.3, "mean"
+STREAMED = registry.names(registry.STORE)  # the methods on task vectors that give one result for all tasks
 
 
 def encoder_state(model: str) -> dict[str, torch.Tensor]:
@@ -94,16 +99,17 @@ def sequential_read(store: TaskVectorStore) -> tuple[float, int]:
 
 OURS = r"""
 import json, sys, torch
-from pipeline.merging.streamed import Scaled
-from pipeline.merging.ties_merging import Ties
-from pipeline.store.streaming import LazyStateDict, merge_to_file
+from pipeline.merging import registry
+from pipeline.merging.contract import Inputs
+from pipeline.store.streaming import LazyStateDict
 from pipeline.store.task_vectors import TaskVectorStore
-root, tasks, pretrained, out, budget = sys.argv[1], sys.argv[2].split(","), sys.argv[3], sys.argv[4], float(sys.argv[5])
+root, tasks, pretrained, out, budget, method, settings = sys.argv[1:]
 torch.set_num_threads(2)
-summary = merge_to_file(TaskVectorStore(root, tasks), Scaled(Ties(%(k)s, "%(merge)s"), %(lam)s), LazyStateDict(pretrained), out,
-                        budget_mib=budget, desc="streaming TIES")
-print(json.dumps(summary))
-""" % {"k": K_PERCENT, "merge": MERGE, "lam": LAM}
+spec, tasks = registry.method(method), tasks.split(",")
+inputs = Inputs(LazyStateDict(pretrained), tasks, TaskVectorStore(root, tasks), budget_mib=float(budget))
+print(json.dumps(spec.run(inputs, spec.configure(json.loads(settings))).save(out)))
+"""
+TIES_SETTINGS = {"k": K_PERCENT, "merge": MERGE, "lam": LAM}  # what the twin and the peer compute
 
 PEER = r"""
 import json, sys, time, torch
@@ -133,21 +139,31 @@ print(json.dumps({"load_seconds": loaded - start, "merge_seconds": done - loaded
 """ % {"k": K_PERCENT, "merge": MERGE, "lam": LAM}
 
 
+# The child's own peak RSS: its VmHWM, which exec resets. Its ru_maxrss is not: it keeps the
+# resident size of the parent it was forked (vfork'ed) from, a floor of the parent's RSS.
+PEAK = """
+import json as _json, re as _re
+print(_json.dumps({"vm_hwm_kib": int(_re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))}))
+"""
+
+
 def run_child(python: str, code: str, args: list[str], log: Path) -> dict:
-    """Run ``code`` in a fresh process; its JSON result, wall seconds and peak RSS (GiB): the
-    child's ru_maxrss, unless its JSON has its own ``peak_rss_gib`` (ru_maxrss of a child
-    counts the parent's RSS at the fork, which exec keeps; a child that reports its VmHWM is
-    exact)."""
+    """Run ``code`` (which prints its JSON result last) in a fresh process; its result, wall
+    seconds and peak RSS (GiB: VmHWM where /proc is, else ru_maxrss, an upper bound)."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     start = time.perf_counter()
+    linux = Path("/proc/self/status").exists()
     with open(log, "w") as err:
-        proc = subprocess.Popen([python, "-c", code, *args], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        proc = subprocess.Popen([python, "-c", code + PEAK * linux, *args], stdout=subprocess.PIPE, stderr=err,
+                                text=True, env=env)
         out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{python} failed (exit {os.waitstatus_to_exitcode(status)}); see {log}")
-    return {"wall_s": wall, "peak_rss_gib": usage.ru_maxrss / 2**20, **json.loads(out.strip().splitlines()[-1])}
+    lines = out.strip().splitlines()
+    peak_kib = json.loads(lines.pop())["vm_hwm_kib"] if linux else usage.ru_maxrss
+    return {**json.loads(lines[-1]), "wall_s": wall, "peak_rss_gib": peak_kib / 2**20}
 
 
 def compare(path_a: Path, path_b: Path) -> dict:
@@ -174,6 +190,8 @@ def main() -> None:
     p.add_argument("--codec", default="none", choices=["none", "zstd", "blosc"])
     p.add_argument("--chunk-mib", type=float, default=4.0)
     p.add_argument("--budget-mib", type=float, default=1024)
+    p.add_argument("--method", default="ties_merging", choices=STREAMED,
+                   help="the streamed method to run (the twin and the peer are TIES': ties_merging only)")
     p.add_argument("--peer", action="store_true", help="also run fusion_bench's TIES (needs fusion_bench importable)")
     p.add_argument("--twin", action=argparse.BooleanOptionalAction, default=None,
                    help="check the output against the in-memory twin (default: models with at most 150M parameters)")
@@ -184,6 +202,9 @@ def main() -> None:
         p.set_defaults(**{k.replace("-", "_"): v for k, v in yaml.safe_load(a.config.read_text()).items()})
         a = p.parse_args()
         a.workdir = Path(a.workdir)
+    if a.method != "ties_merging" and (a.peer or a.twin):
+        p.error(f"--peer and --twin compare TIES; {a.method} against FusionBench: "
+                "benchmarks/bench_successors_streaming.py")
 
     torch.set_num_threads(2)
     storage = Storage(a.dtype, a.codec)
@@ -214,14 +235,17 @@ def main() -> None:
           f"page cache {'dropped' if res['caches_dropped'] else 'NOT dropped (not root)'}", flush=True)
 
     drop_caches()
+    settings = TIES_SETTINGS if a.method == "ties_merging" else {}
     ours = run_child(sys.executable, OURS, [str(store.root), tasks, str(pre_path), str(work / "ours.safetensors"),
-                                            str(a.budget_mib)], work / "ours.log")
-    res["ours"] = ours
-    print(f"ours (streaming TIES, budget {a.budget_mib:g} MiB): {ours['wall_s']:.1f} s wall, {ours['passes']} passes, "
-          f"{ours['peak_rss_gib']:.2f} GiB peak RSS, {ours['wall_s'] / res['read_s']:.2f}x one sequential read",
-          flush=True)
+                                            str(a.budget_mib), a.method, json.dumps(settings)], work / "ours.log")
+    res |= {"method": a.method, "ours": ours}
+    stored = ours.get("storage")
+    print(f"ours (streaming {a.method}, budget {a.budget_mib:g} MiB): {ours['wall_s']:.1f} s wall, {ours['passes']} "
+          f"passes, {ours['peak_rss_gib']:.2f} GiB peak RSS, {ours['wall_s'] / res['read_s']:.2f}x one sequential read"
+          + (f", {stored['bytes'] / 1e9:.2f} GB on disk ({100 * stored['fraction_of_full_models']:.1f}% of "
+             f"{a.tasks} models)" if stored else ""), flush=True)
 
-    if a.twin if a.twin is not None else n <= 150e6:
+    if a.method == "ties_merging" and (a.twin if a.twin is not None else n <= 150e6):
         from safetensors.torch import load_file
 
         from kernels import ties_merge

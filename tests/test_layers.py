@@ -28,7 +28,8 @@ LEVELS = [
 ]
 LEVEL = {layer: i for i, layers in enumerate(LEVELS) for layer in layers}
 METHOD_NAME = re.compile(r"(?i:(?<![a-z])ties(?![a-z])|weight_averaging|task_arithmetic|task_negation|fisher|regmean"
-                         r"|adamerging)|Ties")  # not "properties"
+                         r"|adamerging|(?<![a-z])dare(?![a-z])|consensus|tall_mask|(?<![a-z])emr(?![a-z]))"
+                         r"|Ties")  # not "properties"
 
 
 def layer_of(module: str) -> str | None:

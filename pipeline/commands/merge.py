@@ -16,9 +16,10 @@ log = logging.getLogger(__name__)
 
 
 def write_merge(merge: Merge, out: str, record: dict) -> dict:
-    """The merged encoder to ``out`` (safetensors) and ``record`` beside it (.json)."""
+    """The merged encoder to ``out`` (safetensors) and ``record`` beside it (.json), with the
+    bytes on disk of a compact merge (task-routed methods: its ``storage`` summary)."""
     summary = merge.save(out)
-    write_json(record, Path(out).with_suffix(".json"))
+    write_json(record | {k: summary[k] for k in ("storage",) if k in summary}, Path(out).with_suffix(".json"))
     return summary
 
 
@@ -48,3 +49,6 @@ def merge(zoo: dict, method: str, pretrained: str, out: str, tasks: list[str] = 
     if summary:
         log.info("%s: %d passes, %.0f MiB read, %.1f s", method, summary["passes"], summary["bytes_read"] / 2**20,
                  summary["seconds"])
+    if "storage" in summary:
+        log.info("%s: %.1f MiB on disk, %.1f%% of %d full models", method, summary["storage"]["bytes"] / 2**20,
+                 100 * summary["storage"]["fraction_of_full_models"], len(inputs.tasks))

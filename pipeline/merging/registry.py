@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from pipeline.merging import (
     adamerging,
+    consensus_ta,
+    consensus_ties,
+    dare,
+    emr_merging,
     fisher_merging,
     iso_merging,
     multitask,
     regmean,
     regmean_plusplus,
+    tall_masks,
     task_arithmetic,
     task_negation,
     ties_merging,
@@ -22,12 +27,14 @@ from pipeline.merging import (
     wudi,
 )
 from pipeline.merging.contract import Method, Need
+from pipeline.merging.streamed import route
 
 STORE = frozenset({Need.TASK_VECTORS})
 MODELS_AND_TRAIN = frozenset({Need.MODELS, Need.TRAIN_DATA})
 MODELS_AND_TEST = frozenset({Need.MODELS, Need.TEST_DATA})
 ADAMERGING = "Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024"
 ISO = "Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, ICML 2025"
+TALL = "Wang et al., Localizing Task Information for Improved Model Merging and Compression, ICML 2024"
 
 _METHODS = [
     Method("weight_averaging", "Weight Averaging", "Wortsman et al., Model soups, ICML 2022", STORE,
@@ -53,6 +60,14 @@ _METHODS = [
     Method("iso_cts", "Iso-CTS", ISO, STORE, iso_merging.IsoCTSSettings, iso_merging.run_iso_cts),
     Method("wudi", "WUDI-Merging", "Cheng et al., Whoever Started the Interference Should End It: Guiding Data-Free "
            "Model Merging via Task Vectors, ICML 2025", STORE, wudi.Settings, wudi.run),
+    Method("dare", "DARE", "Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models "
+           "as a Free Lunch, ICML 2024", STORE, dare.Settings, dare.run, searched=True),
+    Method("consensus_ta", "Consensus TA", TALL, STORE, consensus_ta.Settings, consensus_ta.run, searched=True),
+    Method("consensus_ties", "Consensus TIES", TALL, STORE, consensus_ties.Settings, consensus_ties.run,
+           searched=True),
+    Method("tall_masks", "TALL Masks", TALL, STORE, tall_masks.Settings, tall_masks.run, route=route),
+    Method("emr_merging", "EMR-Merging", "Huang et al., EMR-Merging: Tuning-Free High-Performance Model Merging, "
+           "NeurIPS 2024", STORE, emr_merging.Settings, emr_merging.run, route=route),
 ] + [
     Method(f"adamerging_{variant}", f"{'Layer' if layer_wise else 'Task'}-wise AdaMerging{'++' if plus else ''}",
            ADAMERGING, MODELS_AND_TEST, adamerging.Settings, adamerging.runner(variant),

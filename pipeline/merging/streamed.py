@@ -1,18 +1,26 @@
-"""Merges that stream the task-vector store: the result type of the methods that need only
-task vectors (weight averaging, Task Arithmetic, TIES-Merging, task negation, and the
-per-matrix methods TSV-M, Iso-C, Iso-CTS and WUDI through :class:`PerMatrix`)."""
+"""Merges that stream the task-vector store: the result types of the methods that need only
+task vectors, :class:`StreamedMerge` (one merged encoder: weight averaging, Task Arithmetic,
+TIES-Merging, task negation, DARE, consensus merging, and the per-matrix methods TSV-M, Iso-C,
+Iso-CTS and WUDI through :class:`PerMatrix`) and :class:`RoutedMerge` (one encoder per task,
+stored compactly: TALL masks, EMR-Merging)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from torch import nn
 
-from pipeline.merging.contract import Inputs, StateDict, apply_vector
-from pipeline.store.streaming import merge_to_file, merge_to_memory
+from pipeline.merging.contract import Inputs, StateDict, apply_vector, load_each
+from pipeline.models.checkpoints import SafetensorsWriter, readable
+from pipeline.store.streaming import Reader, check_base, merge_to_file, merge_to_memory, run
 
 
 @dataclass
@@ -93,3 +101,129 @@ class PerMatrix:
 
     def patches(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         return []
+ROUTED_FORMAT = "task-routed masks 1"  # the __metadata__ "format" of a RoutedMerge file
+_BITS = torch.arange(8, dtype=torch.uint8)  # bit j of byte b is entry 8 b + j
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """(K, 8 m) bool -> (K, m) uint8, entry 8 b + j in bit j of byte b."""
+    return (bits.view(bits.shape[0], -1, 8).to(torch.uint8) << _BITS.to(bits.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` bits of a (m,) uint8 tensor written by :func:`pack_bits`, as bool."""
+    return ((packed[:, None] >> _BITS.to(packed.device)) & 1).view(-1)[:n].bool()
+
+
+@dataclass
+class RoutedMerge:
+    """A task-routed merge (TALL masks, EMR-Merging): task t's encoder is
+    theta_pre + scale_t * mask_t * vector, with one vector for all tasks.
+
+    The reducer (``prepare`` as in :mod:`pipeline.store.streaming`) returns per chunk the
+    vector's (n,) fp32 values and the (K, n) bool masks, and after the pass ``scales()``, (K,).
+    ``save`` writes the compact form, streamed: per tensor ``vector.{key}`` (fp32), then
+    ``mask.{task}.{key}`` (1 bit per entry, :func:`pack_bits`) for each task; ``scales`` last.
+    :func:`task_states` rebuilds task t's encoder from it, :func:`route` evaluates it."""
+
+    inputs: Inputs
+    reducer: Any
+    desc: str | None = None
+
+    def state_dict(self) -> StateDict:
+        raise TypeError(f"{self.desc}: a task-routed merge has one encoder per task, not one merged state dict; save() "
+                        "it and read task_states(path, pretrained, tasks), or evaluate it through its registry route")
+
+    def save(self, path: str | Path) -> dict:
+        """Write the compact form within the memory budget; returns the engine's summary and
+        ``storage``: the file's bytes against K full encoders (the fine-tuned models it stands for)."""
+        store, start = self.inputs.store, time.perf_counter()
+        check_base(store, self.inputs.pretrained)
+        tasks, specs = store.tasks, []
+        for key in store.keys:
+            n = math.prod(store.shapes[key])
+            specs += [(f"vector.{key}", torch.float32, store.shapes[key])]
+            specs += [(f"mask.{task}.{key}", torch.uint8, (-(-n // 8),)) for task in tasks]
+        specs.append(("scales", torch.float32, (len(tasks),)))
+        metadata = {"format": ROUTED_FORMAT, "tasks": json.dumps(tasks), "keys": json.dumps(store.keys)}
+        writer = SafetensorsWriter(path, specs, metadata)
+        reader = Reader(store, self.inputs.budget_mib, device=self.inputs.device)
+        current: dict = {"key": None}
+
+        def flush() -> None:  # the masks of the tensor just written, padded to whole bytes
+            if current["key"] is None:
+                return
+            carry = current["carry"]
+            if carry.shape[1]:
+                padded = torch.cat([carry, carry.new_zeros(len(tasks), 8 - carry.shape[1])], 1)
+                current["packed"].append(pack_bits(padded).cpu())
+            packed = torch.cat(current["packed"], 1)
+            for row, task in zip(packed, tasks):
+                writer.write(f"mask.{task}.{current['key']}", row)
+
+        def sink(key: str, span: slice, out: tuple[torch.Tensor, torch.Tensor]) -> None:
+            vector, masks = out
+            if key != current["key"]:
+                flush()
+                current.update(key=key, packed=[], carry=masks[:, :0])
+            writer.write(f"vector.{key}", vector.cpu())
+            bits = torch.cat([current["carry"], masks], 1)
+            whole = bits.shape[1] // 8 * 8
+            current["packed"].append(pack_bits(bits[:, :whole]).cpu())
+            current["carry"] = bits[:, whole:]
+
+        try:
+            run(reader, self.reducer, sink, self.desc)
+            flush()
+            writer.write("scales", self.reducer.scales().float().cpu())
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            reader.close()
+        size = Path(path).stat().st_size
+        full = len(tasks) * sum(v.numel() * v.element_size() for v in self.inputs.pretrained.values())
+        return {"seconds": time.perf_counter() - start, "passes": reader.passes, "bytes_read": reader.bytes_read,
+                "storage": {"bytes": size, "full_models_bytes": full, "fraction_of_full_models": size / full}}
+
+
+def task_states(path: str | Path, pretrained: Mapping[str, torch.Tensor],
+                tasks: Sequence[str]) -> Iterator[StateDict]:
+    """Task by task, ``pretrained`` + scale_t * mask_t * vector from a :class:`RoutedMerge`
+    file (fp32, cast back to each tensor's dtype; on the pretrained tensors' device); tasks
+    the file holds no mask of are refused, naming the ones it has."""
+    with readable(path):
+        file = safe_open(str(path), "pt")
+    meta = file.metadata() or {}
+    if meta.get("format") != ROUTED_FORMAT:
+        raise ValueError(f"{path} is no task-routed merge (its metadata format is {meta.get('format')!r}, expected "
+                         f"{ROUTED_FORMAT!r}); write it with the merge of a routed method (TALL masks, EMR-Merging)")
+    stored, keys = json.loads(meta["tasks"]), json.loads(meta["keys"])
+    missing = [t for t in tasks if t not in stored]
+    if missing:
+        raise ValueError(f"{path} holds the masks of tasks {stored}, not of {missing}: merge again with these tasks")
+    foreign = [k for k in keys if k not in pretrained]
+    if foreign:
+        raise ValueError(f"{path} holds tensors the pretrained encoder lacks, e.g. {foreign[:3]}: the merge was made "
+                         "for another architecture")
+    scales = file.get_tensor("scales")
+    for task in tasks:
+        scale = float(scales[stored.index(task)])
+        out = dict(pretrained)
+        for key in keys:
+            base = pretrained[key]
+            vector = file.get_tensor(f"vector.{key}").to(base.device)
+            if vector.shape != base.shape:
+                raise ValueError(f"{path}: tensor {key!r} has shape {tuple(vector.shape)}, the pretrained encoder "
+                                 f"{tuple(base.shape)}: the merge was made for another architecture")
+            mask = unpack_bits(file.get_tensor(f"mask.{task}.{key}").to(base.device), base.numel()).view(base.shape)
+            out[key] = (base.float() + scale * torch.where(mask, vector, 0.0)).to(base.dtype)
+        yield out
+
+
+def route(path: str | Path, encoder: nn.Module, tasks: Sequence[str]) -> Iterator[nn.Module]:
+    """The route (:data:`pipeline.merging.contract.Route`) of :class:`RoutedMerge` files:
+    ``encoder`` holding each task's weights in turn."""
+    pretrained = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    return load_each(task_states(path, pretrained, tasks), encoder)

@@ -218,7 +218,8 @@ class LazyStateDict(Mapping):
         return len(self._keys)
 
 
-def _check_base(store: TaskVectorStore, pretrained: Mapping[str, torch.Tensor]) -> None:
+def check_base(store: TaskVectorStore, pretrained: Mapping[str, torch.Tensor]) -> None:
+    """Refuse ``pretrained`` unless it has every tensor of the store, in the store's shapes."""
     for key in store.keys:
         if key not in pretrained:
             raise KeyError(f"the pretrained weights lack tensor {key!r} of the task-vector store {store.root}")
@@ -261,7 +262,7 @@ def merge_to_file(store: TaskVectorStore, reducer, pretrained: Mapping[str, torc
     ``pretrained`` (tensors outside the store copied), one block (a chunk, or a whole tensor for
     reducers with ``whole_tensors``) in memory at a time.
     Returns a summary: seconds, passes, bytes read, patched entries."""
-    _check_base(store, pretrained)
+    check_base(store, pretrained)
     start = time.perf_counter()
     in_store = set(store.keys)
     specs = [(k, pretrained[k].dtype, tuple(pretrained[k].shape))

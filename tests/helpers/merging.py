@@ -1,5 +1,7 @@
 """The merging methods' test stores and tiny trainable zoos, their runs through the registry,
 and the dense torch references the methods are checked against."""
+import math
+
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -26,10 +28,50 @@ def merged(name: str, pre: dict, store: TaskVectorStore, **settings) -> dict:
     return spec.run(Inputs(pre, store.tasks, store), spec.configure(settings)).state_dict()
 
 
-def merged_vector(name: str, store: TaskVectorStore, **settings) -> dict:
-    """The merged task vector of method ``name`` (before its lambda), streamed."""
+def vector(name: str, store: TaskVectorStore, budget_mib: float = 1024, **settings) -> dict:
+    """The merged task vector of a streamed method (before its lambda), through its registry entry."""
     spec = registry.method(name)
-    return spec.run(Inputs({}, store.tasks, store), spec.configure(settings)).vector()
+    return spec.run(Inputs({}, store.tasks, store, budget_mib=budget_mib), spec.configure(settings)).vector()
+
+
+def flat(vector: dict, store: TaskVectorStore) -> torch.Tensor:
+    """A merged task vector concatenated in store order."""
+    return torch.cat([vector[key].reshape(-1) for key in store.keys])
+
+
+def routed_states(name: str, pre: dict, store: TaskVectorStore, path, budget_mib: float = 1024,
+                  **settings) -> tuple[list[dict], dict]:
+    """Each task's state dict from the saved merge of task-routed method ``name``, and the save's summary."""
+    from pipeline.merging.streamed import task_states
+
+    spec = registry.method(name)
+    summary = spec.run(Inputs(pre, store.tasks, store, budget_mib=budget_mib), spec.configure(settings)).save(path)
+    return list(task_states(path, pre, store.tasks)), summary
+
+
+def dense_ties(tvs: torch.Tensor, k: float, merge: str) -> torch.Tensor:
+    """TIES semantics (kernels.ties_merge docstring), written directly."""
+    d = tvs.shape[1]
+    keep = math.floor(d * k / 100)
+    mags = tvs.abs()
+    if keep == d:
+        thr = torch.zeros(len(tvs), 1, dtype=tvs.dtype)
+    else:
+        thr = mags.sort(dim=1).values[:, d - keep - 1:d - keep]  # the (d - keep)-th smallest, 1-based
+    trimmed = torch.where(mags >= thr, tvs, 0.0)
+    sign = torch.sign(trimmed.sum(0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
+    total = torch.where(agree, trimmed, 0.0).sum(0)
+    return total / agree.sum(0).clamp(min=1) if merge == "mean" else total
+
+
+def dense_consensus(tvs: torch.Tensor, mtl: torch.Tensor, agree: int, mask_lambda: float) -> torch.Tensor:
+    """Consensus merging (Wang et al., 2024) in float64: c * tau_MTL with the consensus mask
+    c = [sum_t (|tau_t| >= lambda |tau_MTL - tau_t|) >= k]."""
+    tvs, mtl = tvs.double(), mtl.double()
+    on = (tvs.abs() >= mask_lambda * (mtl - tvs).abs()).sum(0)
+    return torch.where(on >= agree, mtl, 0.0)
 
 
 def float_keys(pre):

@@ -94,10 +94,10 @@ def test_code_edits_rerun_exactly_the_jobs_that_import_them(micro_run: Path, tmp
 
     proc = snakemake("-n", "--nolock", "--cores", "2", "--configfile", "config/micro.yaml", cwd=micro_run, repo=clone)
     assert "Nothing to be done" in proc.stdout + proc.stderr  # the copy's code versions are the project's
-    streaming_users = {  # merges that stream the store, and everything that runs one of them
-        "merge_task_vectors", "lambda_search", "task_negation", "analysis_sensitivity", "analysis_surrogate",
-        "analysis_robustness_run", "analysis_robustness", "analysis_unseen_run", "analysis_unseen", "analysis_pem",
-        "report",
+    streaming_users = {  # merges that stream the store, everything that runs one of them, the routes' evaluation
+        "merge_task_vectors", "lambda_search", "task_negation", "evaluate_merged", "analysis_sensitivity",
+        "analysis_surrogate", "analysis_robustness_run", "analysis_robustness", "analysis_unseen_run",
+        "analysis_unseen", "analysis_pem", "report",
     }
     assert edited("pipeline/store/streaming.py") == streaming_users
     assert edited("pipeline/report.py") == {"report"}

@@ -83,7 +83,9 @@ rule evaluate_merged:
         zoo=zoo_json(),
         tasks=TASKS,
         batch=config["evaluation"]["batch_size"],
-        code=code_version("evaluate"),
+        code=lambda wc: code_version(  # a routed method's route is its module's code
+            "evaluate", *([wc.method] if registry.method(wc.method).route else [])
+        ),
     shell:
         "adamerge evaluate --zoo {params.zoo:q} --model {wildcards.method:q} "
         "--method {wildcards.method:q} --pretrained {input.pretrained:q} --encoder {input.encoder:q} "

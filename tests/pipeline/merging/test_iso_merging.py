@@ -3,7 +3,7 @@ spectra, the task-specific subspaces' orthogonality to the common one, and whole
 streaming against the methods applied in memory."""
 import pytest
 import torch
-from helpers.merging import make_store, merged, merged_vector, polar64, task_stacks
+from helpers.merging import make_store, merged, vector, polar64, task_stacks
 
 from pipeline.merging.iso_merging import IsoCTSSettings, iso_c, iso_cts, subspace_sizes, subspaces
 
@@ -38,7 +38,7 @@ def test_iso_c_matches_the_formula_in_float64(zoo):
     """Matrices follow the formula, other tensors are the mean; rtol 1e-4 / atol 1e-5 (fp32
     SVD against float64 on entries of about 0.1)."""
     pre, fts, store = zoo
-    got = merged_vector("iso_c", store)
+    got = vector("iso_c", store)
     for key, tvs in task_stacks(pre, fts).items():
         expected = iso_c_reference(tvs) if tvs.dim() == 3 else tvs.double().mean(0)
         torch.testing.assert_close(got[key].double(), expected, rtol=1e-4, atol=1e-5, msg=key)
@@ -54,7 +54,7 @@ def test_iso_cts_matches_the_algorithm_in_float64(tmp_path, fraction):
            "a.bias": torch.randn(36, generator=g)}
     fts = {t: {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for t in "abcd"}
     store = make_store(tmp_path, fts, pre)
-    got = merged_vector("iso_cts", store, common_space_fraction=fraction)
+    got = vector("iso_cts", store, common_space_fraction=fraction)
     for key, tvs in task_stacks(pre, fts).items():
         expected = iso_cts_reference(tvs, fraction) if tvs.dim() == 3 else tvs.double().mean(0)
         torch.testing.assert_close(got[key].double(), expected, rtol=1e-4, atol=1e-5, msg=key)

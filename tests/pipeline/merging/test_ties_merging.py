@@ -1,27 +1,8 @@
-"""TIES-Merging against a plain dense torch implementation written here."""
-import math
-
+"""TIES-Merging against a plain dense torch implementation (tests/helpers/merging.py)."""
 import pytest
 import torch
-from helpers.merging import TASKS, assert_state_close, dense_tvs, make_store, merged, merged_vector, unflatten
+from helpers.merging import TASKS, assert_state_close, dense_ties, dense_tvs, make_store, merged, unflatten, vector
 from helpers.store import encoder_state
-
-
-def dense_ties(tvs: torch.Tensor, k: float, merge: str) -> torch.Tensor:
-    """TIES semantics (kernels.ties_merge docstring), written directly."""
-    d = tvs.shape[1]
-    keep = math.floor(d * k / 100)
-    mags = tvs.abs()
-    if keep == d:
-        thr = torch.zeros(len(tvs), 1)
-    else:
-        thr = mags.sort(dim=1).values[:, d - keep - 1:d - keep]  # the (d - keep)-th smallest, 1-based
-    trimmed = torch.where(mags >= thr, tvs, 0.0)
-    sign = torch.sign(trimmed.sum(0))
-    sign[sign == 0] = torch.sign(sign.sum())
-    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
-    total = torch.where(agree, trimmed, 0.0).sum(0)
-    return total / agree.sum(0).clamp(min=1) if merge == "mean" else total
 
 
 @pytest.mark.parametrize("merge", ["mean", "sum"])
@@ -48,7 +29,7 @@ def test_ties_keeps_exactly_with_ties_and_zero_signs(tmp_path, k, merge):
     store = make_store(tmp_path, fts, pre)
     tvs = dense_tvs(pre, fts)
     expected = dense_ties(tvs, k, merge)
-    got = merged_vector("ties_merging", store, k=k, merge=merge)
+    got = vector("ties_merging", store, k=k, merge=merge)
     flat = torch.cat([got[key].reshape(-1) for key in store.keys])
     assert torch.equal(flat, expected)
     zero_sign = (tvs[0] == -tvs[1]) & (tvs[2] == -tvs[3])
@@ -58,6 +39,6 @@ def test_ties_keeps_exactly_with_ties_and_zero_signs(tmp_path, k, merge):
 def test_ties_rejects_bad_settings(zoo):
     _, _, store = zoo
     with pytest.raises(ValueError, match="mean"):
-        merged_vector("ties_merging", store, k=20, merge="max")
+        vector("ties_merging", store, k=20, merge="max")
     with pytest.raises(ValueError, match="percentage"):
-        merged_vector("ties_merging", store, k=120, merge="mean")
+        vector("ties_merging", store, k=120, merge="mean")

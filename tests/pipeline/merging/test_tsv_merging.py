@@ -2,7 +2,7 @@
 whole-tensor streaming against the method applied in memory."""
 import pytest
 import torch
-from helpers.merging import merged_vector, polar64, task_stacks
+from helpers.merging import vector, polar64, task_stacks
 from safetensors.torch import load_file
 
 from pipeline.merging import registry
@@ -31,7 +31,7 @@ def test_tsv_matches_the_formula_in_float64(zoo):
     rtol 1e-4 / atol 1e-5 on entries of about 0.1."""
     pre, fts, store = zoo
     stacks = task_stacks(pre, fts)
-    got = merged_vector("tsv_merging", store)
+    got = vector("tsv_merging", store)
     assert sorted(got) == sorted(stacks)
     for key, tvs in stacks.items():
         expected = tsv_reference(tvs) if tvs.dim() == 3 else tvs.double().mean(0)

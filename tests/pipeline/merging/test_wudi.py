@@ -2,7 +2,7 @@
 against Task Arithmetic's, and whole-tensor streaming against the method applied in memory."""
 import pytest
 import torch
-from helpers.merging import make_store, merged, merged_vector, task_stacks
+from helpers.merging import make_store, merged, vector, task_stacks
 
 from pipeline.merging.wudi import Settings, is_linear, loss, wudi
 
@@ -45,7 +45,7 @@ def test_wudi_matches_adam_on_the_loss_in_float64(blocks, steps, lr):
     embedding, a bias) are the mean of the task vectors. Tolerance atol 5e-6: fp32 against
     float64, chiefly the rounding of 300 steps of 1e-5 added to entries up to 1 (ulp 6e-8)."""
     pre, fts, store = blocks
-    got = merged_vector("wudi", store, steps=steps, lr=lr)
+    got = vector("wudi", store, steps=steps, lr=lr)
     for key, tvs in task_stacks(pre, fts).items():
         expected = adam_on_the_loss(tvs, steps, lr) if is_linear(key, SHAPES[key]) else tvs.double().mean(0)
         torch.testing.assert_close(got[key].double(), expected, rtol=0, atol=5e-6, msg=key)

@@ -43,6 +43,26 @@ def input_size(arch: str, missing_ok: bool = False) -> int | None:
     return config["vision_cfg"]["image_size"]
 
 
+def official_encoder_extra(arch: str) -> int:
+    """Entries of the official ``ImageEncoder`` state dict (task_vectors and AdaMerging code:
+    open_clip's CLIP with its text ``transformer`` deleted) beside the visual tower: the text
+    side's token embedding (vocab x width), positional embedding (context x width), final norm
+    (2 x width), text projection (width x embed) and logit scale (1), from the architecture's
+    open_clip config. Fine-tuning never changes them, so their task vectors are zero.
+    ViT-B-32 and ViT-B-16: 25,599,489; ViT-L-14: 38,595,841 (docs/presets.md)."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg
+
+    register_configs()
+    config = open_clip.get_model_config(arch)
+    text = CLIPTextCfg(**config["text_cfg"]) if config else None
+    if text is None or text.hf_model_name:
+        raise ValueError(f"architecture {arch!r} has no open_clip text tower config, so the entries of its official "
+                         "encoder cannot be counted; count over the visual encoder instead (count_over: visual)")
+    width = text.width
+    return (text.vocab_size + text.context_length + 2) * width + width * config["embed_dim"] + 1
+
+
 class WordTokenizer:
     """Word-level tokenizer for the synthetic captions, shaped like open_clip's tokenizers.
 

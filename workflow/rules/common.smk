@@ -40,11 +40,15 @@ LOGS = f"logs/{ZOO}"
 BENCH = f"{RESULTS}/benchmarks"
 STORE = f"{RESULTS}/task_vectors.zarr"
 
-# Method lists, all from the registry (pipeline/merging/registry.py).
+# Method lists, all from the registry (pipeline/merging/registry.py). The searched methods
+# (Task Arithmetic, TIES) take lambda from the validation split (rule lambda_search), or with
+# merging.lambda_choice fixed their settings' lam, merged like the other store methods; their
+# lambda search then still runs for the sensitivity analysis' validation curves.
+FIXED_LAMBDA = config["merging"]["lambda_choice"] == "fixed"
 STORE_MERGES = registry.names(
-    registry.STORE, searched=False
+    registry.STORE, searched=None if FIXED_LAMBDA else False
 )  # one streamed pass over the store
-SEARCH_METHODS = registry.names(searched=True)  # lambda chosen on validation data
+SEARCH_METHODS = registry.names(searched=True)  # lambda searched on validation data
 DATA_METHODS = registry.names(
     registry.MODELS_AND_TRAIN
 )  # fine-tuned models and training examples

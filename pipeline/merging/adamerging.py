@@ -32,8 +32,7 @@ from tqdm import tqdm
 from kernels import ties_merge, weighted_sum, weighted_sum_segments
 from pipeline.functional import FlatLayout, functional_forward
 from pipeline.merging.contract import Images, Inputs, MergedState
-from pipeline.merging.ties_merging import COUNTS, extra_entries
-from pipeline.models.clip import logits
+from pipeline.models.clip import COUNTS, logits, zeros_counted
 
 StateDict = dict[str, torch.Tensor]
 
@@ -269,7 +268,7 @@ def adamerge(variant: str, encoder: nn.Module, finetuned: Sequence[StateDict] | 
     else:
         tvs = task_vector_matrix(layout, base, finetuned)
     if plus:
-        tvs = ties_parts(tvs, s.ties_k, extra_entries(s.ties_count_over, arch))
+        tvs = ties_parts(tvs, s.ties_k, zeros_counted(s.ties_count_over, arch))
     model = FusedMerge(encoder.to(device), layout, base, tvs, layer_wise, s.init, s.clamp)
     heads = [h.to(device=device, dtype=torch.float32) for h in heads]
     optimizer = lambda_optimizer(model, s)

@@ -21,7 +21,7 @@ statistics before the apply pass:
 
 With ``count_over: official_encoder`` each task vector is counted as the AdaMerging code counts
 it, over the whole official ``ImageEncoder`` whose text-side tensors have zero task vectors
-(:func:`pipeline.models.clip.official_encoder_extra` entries per architecture): those zeros are
+(:func:`pipeline.models.clip.zeros_counted`): those zeros are
 the smallest magnitudes, so only the rank of the threshold among the visual entries changes.
 
 So exact TIES reads the store about twice. Memory beyond the engine's budget: the sample
@@ -41,11 +41,10 @@ from kernels import TiesStats, ties_apply
 from kernels.ties_merge import n_keep, ties_trimmed_sum
 from pipeline.merging.contract import Inputs
 from pipeline.merging.streamed import StreamedMerge
-from pipeline.models.clip import official_encoder_extra
+from pipeline.models.clip import COUNTS, zeros_counted
 from pipeline.store.streaming import Reader
 
 MERGES = ("mean", "sum")
-COUNTS = ("visual", "official_encoder")  # what a task vector's top-k% is counted over
 SAMPLE_CHUNKS = 16
 _BITS = 0x7FFFFFFF  # magnitude bits of an fp32 pattern
 _LOW = 15  # the histogram fallback's second digit: 16 high bits, then 15 low bits
@@ -221,19 +220,8 @@ class Settings:
             raise ValueError(f"TIES count_over must be one of {COUNTS}, got {self.count_over!r}")
 
 
-def extra_entries(count_over: str, arch: str | None) -> int:
-    """The zero entries a task vector is counted with: none over the visual encoder, the
-    official encoder's text-side entries of architecture ``arch`` otherwise."""
-    if count_over == "visual":
-        return 0
-    if not arch:
-        raise ValueError(f"counting TIES' top-k% over the {count_over!r} needs the zoo's architecture: pass "
-                         "Inputs.arch (adamerge: arch), or count over 'visual'")
-    return official_encoder_extra(arch)
-
-
 def run(inputs: Inputs, settings: Settings = Settings()) -> StreamedMerge:
     """theta_pre + ``lam`` * TIES(task vectors) with top-``k``% trimming (counted over
     ``count_over``) and dis-``merge``."""
-    ties = Ties(settings.k, settings.merge, extra=extra_entries(settings.count_over, inputs.arch))
+    ties = Ties(settings.k, settings.merge, extra=zeros_counted(settings.count_over, inputs.arch))
     return StreamedMerge(inputs, ties, settings.lam, desc="TIES")

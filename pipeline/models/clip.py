@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # open_clip is imported where a model is built: it costs ever
     import open_clip
 
 SYNTHETIC_ARCH = "synth-vit-tiny"
+COUNTS = ("visual", "official_encoder")  # what TIES' top-k% of a task vector is counted over
 _CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -61,6 +62,19 @@ def official_encoder_extra(arch: str) -> int:
                          "encoder cannot be counted; count over the visual encoder instead (count_over: visual)")
     width = text.width
     return (text.vocab_size + text.context_length + 2) * width + width * config["embed_dim"] + 1
+
+
+def zeros_counted(count_over: str, arch: str | None) -> int:
+    """The zero entries TIES counts with each task vector of architecture ``arch``: none over
+    the visual encoder ("visual"), the official encoder's text-side ones ("official_encoder")."""
+    if count_over not in COUNTS:
+        raise ValueError(f"TIES' top-k% is counted over one of {COUNTS}, not {count_over!r}")
+    if count_over == "visual":
+        return 0
+    if not arch:
+        raise ValueError(f"counting TIES' top-k% over the {count_over!r} needs the zoo's architecture: pass "
+                         "Inputs.arch (adamerge: arch), or count over 'visual'")
+    return official_encoder_extra(arch)
 
 
 class WordTokenizer:

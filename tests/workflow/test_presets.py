@@ -48,7 +48,7 @@ def merge_commands(work: Path, *configs: str, **sections) -> dict[str, list[str]
     jobs = {}
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
         rule = re.match(r"(?:local)?rule (\w+):", block)
-        command = re.search(r"^Shell command: (.*)$", block, re.M)
+        command = re.search(r"^Shell command: (.*)$", block, re.MULTILINE)
         if rule and command:
             jobs.setdefault(rule[1], []).append(command[1])
     return jobs

@@ -352,3 +352,22 @@ def analysis_files():
     if analysis_on("unseen") and SEEN_TASKS:
         out |= {"unseen": f"{AN}/unseen.parquet", "unseen_png": f"{AN}/unseen.png"}
     return out
+
+
+def report_runs():
+    """What the report's tables ran AdaMerging with (steps, batches, test images per task:
+    0 all), and the analyses their Task Arithmetic and TIES (lam) and robustness its variant,
+    as JSON: the report names the rows that differ from the main table's."""
+
+    def adamerging(settings, images):
+        keys = ("steps", "batches_per_task", "batch_size")
+        return {k: settings[k] for k in keys} | {"images": images}
+
+    runs = {"main": adamerging(ADAMERGING, ADAMERGING["max_images"])}
+    for section in ("robustness", "unseen", "pem"):
+        settings = json.loads(adamerging_settings(section))
+        runs[section] = adamerging(settings, analysis_max_images(section))
+        if "lam" in analysis_cfg(section):
+            runs[section]["lam"] = analysis_cfg(section)["lam"]
+    runs["robustness"]["variant"] = analysis_cfg("robustness")["variant"]
+    return json.dumps(runs, sort_keys=True)

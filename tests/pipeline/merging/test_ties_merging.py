@@ -79,10 +79,10 @@ def test_ties_rejects_bad_settings(zoo):
 @pytest.mark.parametrize("k, extra", [(20, 50), (20, 400), (60, 5000), (10, 3)])
 def test_official_encoder_count_trims_like_zero_padded_vectors(zoo, monkeypatch, k, extra, merge):
     """Counting ``extra`` text-side zeros equals TIES over the vectors with those zeros appended."""
-    from pipeline.merging import ties_merging
+    from pipeline.models import clip
 
     pre, fts, store = zoo
-    monkeypatch.setattr(ties_merging, "official_encoder_extra", lambda arch: {"arch-x": extra}[arch])
+    monkeypatch.setattr(clip, "official_encoder_extra", lambda arch: {"arch-x": extra}[arch])
     tvs = dense_tvs(pre, fts)
     expected = dense_ties(torch.cat([tvs, tvs.new_zeros(len(tvs), extra)], dim=1), k, merge)[:tvs.shape[1]]
     spec = registry.method("ties_merging")

@@ -439,9 +439,10 @@ def analysis_sections(files: dict[str, str], md_dir: Path, runs: Runs | None = N
                           for m in composed.index]
         main_lam = runs.lam("task_arithmetic")
         if len(full_lam) and main_lam is not None:
+            how = "run as the main table's" if ran == main_run else f"run for {ran} (main table: {main_run})"
             doc.para(f"The full fine-tuning column composes the main table's task vectors: its Addition is Task "
                      f"Arithmetic at lambda {full_lam.iloc[0]:g} (main table: {main_lam:g}) and its AdaMerging the "
-                     f"task-wise variant ({ran or 'as configured'}; main table: {main_run or 'as configured'}).")
+                     f"task-wise variant, {how}.")
         doc.table(composed, "Average accuracy (%) of composed task updates.")
         doc.figure(files.get("pem_png"), "Composition of LoRA and full fine-tuning task updates.")
     return doc.md, doc.html

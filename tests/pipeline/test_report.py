@@ -125,6 +125,7 @@ def test_rows_say_how_they_ran_where_the_main_table_ran_otherwise(tmp_path):
     pem = md[md.index("G. Composition"):]
     assert "AdaMerging (task-wise) (500 steps of 2 x 16 images, from 256 test images per task)" in pem
     assert "Task Arithmetic at lambda 0.3 (main table: 0.5)" in pem
+    assert "run for 500 steps of 2 x 16 images, from 256 test images per task (main table: 500 steps" in pem
 
 
 def test_report_renders_in_chromium(tmp_path):

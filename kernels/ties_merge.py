@@ -8,6 +8,11 @@ Semantics (those of the TIES reference code), for K task vectors of d entries ea
   (e.g. k = 0) makes the threshold the d-th smallest, the maximum, so the entries of maximal
   magnitude are kept (as in the reference code); n_keep == d (k = 100) keeps everything
   (threshold 0). Inputs must be finite.
+* ``extra`` zeros: each task vector counted as d + extra entries, the extra ones zero (the
+  AdaMerging code flattens its whole ``ImageEncoder``, whose text-side tensors have zero task
+  vectors). Zeros sit at the bottom of the magnitude order, so n_keep = floor((d + extra) k / 100)
+  and the threshold is the (d - n_keep)-th smallest of the d entries, or 0 (keep everything)
+  once n_keep >= d.
 * elect: s_i = sign(sum_j trimmed_j,i); an s_i of 0 becomes the majority sign
   sign(sum_i s_i) (one scalar over all entries).
 * disjoint merge: tau_j,i "agrees" when trimmed_j,i > 0 where s_i > 0 and trimmed_j,i < 0
@@ -155,12 +160,12 @@ def _check_chunk(chunk: torch.Tensor, like: torch.Tensor | None = None) -> None:
         raise ValueError("all chunks must have the same number of tasks and dtype")
 
 
-def _edge_thresholds(d: int, k: float, n_tasks: int, device: torch.device) -> torch.Tensor | None:
+def _edge_thresholds(d: int, k: float, n_tasks: int, device: torch.device, extra: int = 0) -> torch.Tensor | None:
     """Threshold 0 when every entry is kept (there is no 0-th smallest magnitude)."""
-    return torch.zeros(n_tasks, device=device) if n_keep(d, k) == d else None
+    return torch.zeros(n_tasks, device=device) if n_keep(d + extra, k) >= d else None
 
 
-def _thresholds_triton(chunks: Chunks, k: float, first: torch.Tensor) -> torch.Tensor:
+def _thresholds_triton(chunks: Chunks, k: float, first: torch.Tensor, extra: int = 0) -> torch.Tensor:
     n_tasks, device = first.shape[0], first.device
     prefix = torch.zeros(n_tasks, dtype=torch.int32, device=device)
     hist = torch.empty((n_tasks, NUM_BINS), dtype=torch.int32, device=device)
@@ -178,10 +183,10 @@ def _thresholds_triton(chunks: Chunks, k: float, first: torch.Tensor) -> torch.T
         cum = hist.cumsum(1)
         if rank is None:  # first pass: every entry is counted
             d = int(cum[0, -1])
-            edge = _edge_thresholds(d, k, n_tasks, device)
+            edge = _edge_thresholds(d, k, n_tasks, device, extra)
             if edge is not None:
                 return edge
-            rank = torch.full((n_tasks,), d - n_keep(d, k) - 1, dtype=torch.int64, device=device)
+            rank = torch.full((n_tasks,), d - n_keep(d + extra, k) - 1, dtype=torch.int64, device=device)
         digit = (cum <= rank[:, None]).sum(1)  # bin holding the 0-based rank
         below = cum.gather(1, (digit - 1).clamp(min=0)[:, None])[:, 0]
         rank -= torch.where(digit > 0, below, 0)
@@ -191,16 +196,16 @@ def _thresholds_triton(chunks: Chunks, k: float, first: torch.Tensor) -> torch.T
     return prefix.view(torch.float32)
 
 
-def _thresholds_torch(chunks: Chunks, k: float) -> torch.Tensor:
+def _thresholds_torch(chunks: Chunks, k: float, extra: int = 0) -> torch.Tensor:
     data = list(chunks())
     for chunk in data:
         _check_chunk(chunk, data[0])
     n_tasks, device = data[0].shape[0], data[0].device
     d = sum(chunk.shape[1] for chunk in data)
-    edge = _edge_thresholds(d, k, n_tasks, device)
+    edge = _edge_thresholds(d, k, n_tasks, device, extra)
     if edge is not None:
         return edge
-    rank = d - n_keep(d, k)
+    rank = d - n_keep(d + extra, k)
     return torch.stack([torch.cat([c[j] for c in data]).float().abs().kthvalue(rank).values
                         for j in range(n_tasks)])
 
@@ -215,8 +220,9 @@ def ties_trimmed_sum(chunk: torch.Tensor, thresholds: torch.Tensor) -> torch.Ten
     return acc
 
 
-def ties_thresholds(tvs: torch.Tensor | Chunks, k: float, backend: str = "auto") -> torch.Tensor:
-    """Per-task magnitude thresholds (K,) fp32 of the top ``k`` percent (see module doc).
+def ties_thresholds(tvs: torch.Tensor | Chunks, k: float, backend: str = "auto", extra: int = 0) -> torch.Tensor:
+    """Per-task magnitude thresholds (K,) fp32 of the top ``k`` percent, each task vector counted
+    with ``extra`` zeros (see module doc).
 
     Two exact selects on purpose: the store's (``exact_thresholds``, pipeline/merging/ties_merging.py)
     must keep a fixed memory budget over chunks read from disk; this one works on resident chunks,
@@ -224,9 +230,11 @@ def ties_thresholds(tvs: torch.Tensor | Chunks, k: float, backend: str = "auto")
     """
     chunks = _as_chunks(tvs)
     first = _first_chunk(chunks)
+    if extra < 0:
+        raise ValueError(f"extra zeros must be >= 0, got {extra}")
     if resolve_backend(backend, first) == "triton":
-        return _thresholds_triton(chunks, k, first)
-    return _thresholds_torch(chunks, k)
+        return _thresholds_triton(chunks, k, first, extra)
+    return _thresholds_torch(chunks, k, extra)
 
 
 def ties_majority(tvs: torch.Tensor | Chunks, thresholds: torch.Tensor,
@@ -249,9 +257,10 @@ def ties_majority(tvs: torch.Tensor | Chunks, thresholds: torch.Tensor,
     return total.sign().to(torch.int32)
 
 
-def ties_stats(tvs: torch.Tensor | Chunks, k: float = 20, backend: str = "auto") -> TiesStats:
-    """Thresholds and majority sign over all chunks (the passes before ``ties_apply``)."""
-    thresholds = ties_thresholds(tvs, k, backend)
+def ties_stats(tvs: torch.Tensor | Chunks, k: float = 20, backend: str = "auto", extra: int = 0) -> TiesStats:
+    """Thresholds (``extra`` zeros counted) and majority sign over all chunks (the passes before
+    ``ties_apply``; zeros elect no sign, so they leave the majority as it is)."""
+    thresholds = ties_thresholds(tvs, k, backend, extra)
     return TiesStats(thresholds, ties_majority(tvs, thresholds, backend))
 
 
@@ -310,14 +319,15 @@ def ties_apply(chunk: torch.Tensor, stats: TiesStats, merge: str = "mean", retur
 
 
 def ties_merge(tvs: torch.Tensor | Chunks, k: float = 20, merge: str = "mean", return_parts: bool = False,
-               backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+               backend: str = "auto", extra: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """TIES-merge K task vectors: (K, N) tensor or chunks callable -> merged (N,) fp32.
 
     ``merge`` is "mean" (dis-mean, TIES paper) or "sum" (dis-sum, AdaMerging code). With
-    ``return_parts`` also returns the (K, N) per-task disjoint parts (AdaMerging++).
+    ``return_parts`` also returns the (K, N) per-task disjoint parts (AdaMerging++). ``extra``:
+    zero entries counted with each task vector when trimming (see module doc).
     """
     chunks = _as_chunks(tvs)
-    stats = ties_stats(chunks, k, backend)
+    stats = ties_stats(chunks, k, backend, extra)
     outs, parts = zip(*(_apply(chunk, stats, merge, return_parts, backend) for chunk in chunks()))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     if not return_parts:

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import os
 import platform
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from pipeline.analysis import claims
 from pipeline.merging import registry
 
 MODEL_ORDER = ["zeroshot", "individual", *registry.table_rows()]
@@ -39,7 +43,8 @@ figure img{max-width:100%;height:auto}
 figcaption{font-size:.9em;text-align:left;margin-top:.4em}
 figcaption b,caption b{font-style:normal}
 p.note{font-size:.92em;color:#444}
-.ok{color:#17691d}.fail{color:#a11}
+.ok{color:#17691d}.fail{color:#a11}.missing{color:#777}
+table.claims th,table.claims td{text-align:left}table.claims td:last-child{white-space:nowrap}
 """
 
 
@@ -116,10 +121,94 @@ def _html_table(df: pd.DataFrame, caption: str, bold_max: bool = False, fmt: str
             f"<tbody>{''.join(body)}</tbody></table>")
 
 
+ADAMERGING_RUN = ("steps", "batches_per_task", "batch_size", "images")
+
+
+@dataclass
+class Runs:
+    """What the report's rows ran with, so that a row of an analysis says where it differs
+    from the main table's row of the same method: ``tables`` (from the workflow) maps "main"
+    and each analysis (robustness, unseen, pem) to AdaMerging's steps, batches_per_task,
+    batch_size and test images per task (0: all), with the analysis' ``lam`` of Task
+    Arithmetic and TIES and robustness' ``variant``; ``merges`` maps each main-table merge to
+    its record (model.json: settings, and for a lambda searched on validation its grid)."""
+
+    tables: Mapping[str, Mapping] = field(default_factory=dict)
+    merges: Mapping[str, Mapping] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, tables: Mapping[str, Mapping] | None, records: list[str]) -> Runs:
+        merges = {}
+        for path in records:
+            record = json.loads(Path(path).read_text())
+            merges[record["method"]] = record
+        return cls(tables or {}, merges)
+
+    def adamerging(self, table: str) -> str:
+        """AdaMerging's run in ``table``: "500 steps of 2 x 16 images, from all test images"."""
+        run = self.tables.get(table, {})
+        if not all(k in run for k in ADAMERGING_RUN):
+            return ""
+        images = "all test images" if run["images"] == 0 else f"{run['images']} test images per task"
+        return f"{run['steps']} steps of {run['batches_per_task']} x {run['batch_size']} images, from {images}"
+
+    def lam(self, method: str, table: str = "main") -> float | None:
+        if table != "main":
+            return self.tables.get(table, {}).get("lam")
+        return self.merges.get(method, {}).get("settings", {}).get("lam")
+
+    def row(self, method: str, table: str) -> str:
+        """The display name of ``method``'s row in ``table``, with what it ran with where that
+        differs from the main table's row of the method."""
+        name = "AdaMerging" if method == "adamerging" else _label(method)
+        if method.startswith("adamerging"):
+            ran, main = self.adamerging(table), self.adamerging("main")
+            return f"{name} ({ran})" if ran and ran != main else name
+        lam, main = self.lam(method, table), self.lam(method)
+        return f"{name} (lambda {lam:g})" if lam is not None and lam != main else name
+
+    def main_note(self, methods: list[str]) -> str:
+        """What the main table's merges ran with (their records and AdaMerging's run)."""
+        parts = []
+        for method in methods:
+            record = self.merges.get(method)
+            if not record or not record.get("settings"):
+                continue
+            settings = ", ".join(f"{k} {v}" for k, v in sorted(record["settings"].items()))
+            searched = " (lambda chosen on the validation split)" if "lambda_grid" in record else ""
+            parts.append(f"{_label(method)}: {settings}{searched}")
+        if any(m.startswith("adamerging") for m in methods) and self.adamerging("main"):
+            parts.append(f"AdaMerging: {self.adamerging('main')}")
+        return ("Settings of the rows: " + "; ".join(parts) + ".") if parts else ""
+
+
+def _claims_html(table: pd.DataFrame, caption: str) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("Claim", "Paper", "Here", "Verdict"))
+    css = {claims.HOLDS: "ok", claims.FAILS: "fail", claims.MISSING: "missing"}
+    body = "".join(
+        f"<tr><td>{html.escape(r.claim)}</td><td>{html.escape(r.paper)}</td><td>{html.escape(r.here)}</td>"
+        f"<td class='{css[r.verdict]}'>{html.escape(r.verdict)}</td></tr>" for r in table.itertuples())
+    return (f"<table class='claims'><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table>")
+
+
+CLAIM_TABLES = ("unseen", "robustness", "spearman", "sensitivity", "coefficients")
+
+
+def paper_claims(main: pd.DataFrame, files: Mapping[str, str]) -> pd.DataFrame:
+    """The paper's claims against the main table's averages and the analysis outputs in ``files``."""
+    tables = {name: pd.read_parquet(files[name]) for name in CLAIM_TABLES if name in files}
+    return claims.claims_table(main["Avg."].dropna().to_dict(), tables)
+
+
 def write_report(eval_files: list[str], config: dict, benchmarks: list[str], zoo: dict,
-                 markdown: Path, html_path: Path, table_path: Path, analysis: dict[str, str] | None = None) -> None:
+                 markdown: Path, html_path: Path, table_path: Path, analysis: dict[str, str] | None = None,
+                 merges: list[str] = (), runs: Mapping[str, Mapping] | None = None) -> None:
     """Write the markdown and HTML report and the accuracy table (parquet); ``analysis``
-    maps the names of :func:`analysis_sections` to the analysis outputs."""
+    maps the names of :func:`analysis_sections` to the analysis outputs, ``merges`` lists the
+    main table's merge records (model.json) and ``runs`` what each table's rows ran with
+    (:class:`Runs`)."""
+    row_runs = Runs.read(runs, list(merges))
     evals = pd.concat([pd.read_parquet(f) for f in eval_files], ignore_index=True)
     tasks, heldout = list(zoo["tasks"]), list(zoo.get("heldout_tasks", []))
     negation = evals["model"].str.startswith("task_negation_")
@@ -131,13 +220,22 @@ def write_report(eval_files: list[str], config: dict, benchmarks: list[str], zoo
     timings = stage_timings(benchmarks).set_index("stage")
     config_text = yaml.safe_dump(config, sort_keys=False)
     versions = {p: _version(p) for p in PACKAGES}
+    paper = paper_claims(main, analysis or {})
+    claims_note = (f"{claims.summary(paper)}: the claims of {registry.ADAMERGING} (its numbers for ViT-B/32 on 8 "
+                   "tasks), each computed from this run's outputs.")
+    settings_note = row_runs.main_note(list(main.index))
     sections_md = [f"# Adaptive model merging report: zoo `{zoo['name']}`", "",
                    f"Architecture `{zoo['arch']}`, {len(tasks)} tasks merged, seed {zoo.get('seed', 0)}.", "",
-                   "## Accuracy (%) on the test splits", "", main.round(1).to_markdown(), ""]
+                   "## Claims of the paper", "", claims_note, "", paper.to_markdown(index=False), "",
+                   "## Accuracy (%) on the test splits", "", main.round(1).to_markdown(), "",
+                   *([settings_note, ""] if settings_note else [])]
     sections_html = [f"<h1>Adaptive model merging report: zoo <code>{html.escape(zoo['name'])}</code></h1>",
                      f"<p>Architecture <code>{html.escape(zoo['arch'])}</code>, {len(tasks)} tasks merged, "
                      f"seed {zoo.get('seed', 0)}.</p>",
-                     _html_table(main, "Table 1. Top-1 accuracy (%) on each task's test split.", bold_max=True)]
+                     "<h2>Claims of the paper</h2>", f"<p class='note'>{html.escape(claims_note)}</p>",
+                     _claims_html(paper, "The paper's claims: its numbers, this run's, and whether each holds."),
+                     _html_table(main, "Table 1. Top-1 accuracy (%) on each task's test split.", bold_max=True),
+                     *([f"<p class='note'>{html.escape(settings_note)}</p>"] if settings_note else [])]
     if note := fisher_note(list(main.index), config):
         sections_md += [note, ""]
         sections_html.append(f"<p class='note'>{html.escape(note)}</p>")
@@ -159,7 +257,7 @@ def write_report(eval_files: list[str], config: dict, benchmarks: list[str], zoo
                          f"{html.escape(text)}</li>" for text, ok in checks)
         sections_html.append(f"<h2>Zoo quality</h2><ul>{items}</ul>")
     if analysis:
-        md, htm = analysis_sections(analysis, markdown.parent, main)
+        md, htm = analysis_sections(analysis, markdown.parent, row_runs)
         sections_md += md
         sections_html += htm
     sections_md += ["## Stage timings", "", timings.round(1).to_markdown() if len(timings) else "(none)", ""]
@@ -228,10 +326,12 @@ def _label(name: str) -> str:
     return label(name)
 
 
-def analysis_sections(files: dict[str, str], md_dir: Path, main: pd.DataFrame | None = None) -> tuple[list[str], list[str]]:
+def analysis_sections(files: dict[str, str], md_dir: Path, runs: Runs | None = None) -> tuple[list[str], list[str]]:
     """Markdown and HTML of every analysis whose outputs are in ``files`` (names as in
     workflow/rules/analysis.smk: sensitivity, coefficients, distances, spearman, robustness,
-    unseen, pem, each with a ``*_png`` figure)."""
+    unseen, pem, each with a ``*_png`` figure); a row of a method ran otherwise than the main
+    table's row of it says how (``runs``)."""
+    runs = runs or Runs()
     doc = _Doc(md_dir)
     doc.heading("Appendix: analyses")
     if "sensitivity" in files:
@@ -299,8 +399,9 @@ def analysis_sections(files: dict[str, str], md_dir: Path, main: pd.DataFrame | 
         doc.heading("E. Robustness to corrupted test distributions", 3)
         r = pd.read_parquet(files["robustness"])
         sev = sorted(set(r.loc[r["severity"] > 0, "severity"]))
-        doc.para(f"A merge of {r['task'].nunique()} tasks; AdaMerging (variant as configured) learns its coefficients "
-                 f"on each corrupted test set's unlabeled images (severity {', '.join(map(str, sev)) or '-'}); "
+        doc.para(f"A merge of {r['task'].nunique()} tasks; AdaMerging (the variant its rows name) learns its "
+                 f"coefficients on each corrupted test set's unlabeled images (severity "
+                 f"{', '.join(map(str, sev)) or '-'}); "
                  "Task Arithmetic and TIES use the paper's lambda. Accuracy (%) on the corrupted test sets, "
                  "and on the clean test set for the coefficients adapted to each corruption.")
         tasks = list(dict.fromkeys(r["task"]))
@@ -310,7 +411,7 @@ def analysis_sections(files: dict[str, str], md_dir: Path, main: pd.DataFrame | 
                 wide = sub.pivot_table(index="method", columns="task", values="accuracy", sort=False).reindex(
                     columns=tasks)
                 wide["Avg."] = wide.mean(axis=1)
-                wide.index = [_label(m) if m != "adamerging" else "AdaMerging" for m in wide.index]
+                wide.index = [runs.row(_robust_method(m, runs), "robustness") for m in wide.index]
                 wide.index.name = "method"
                 name = corruption.replace("_", " ")
                 what = ("clean test set" if corruption == "clean" else
@@ -324,7 +425,7 @@ def analysis_sections(files: dict[str, str], md_dir: Path, main: pd.DataFrame | 
 
         rows = pd.read_parquet(files["unseen"])
         wide = unseen_table(rows)
-        wide.index = [_label(m) for m in wide.index]
+        wide.index = [runs.row(m, "unseen") for m in wide.index]
         wide.index.name = "method"
         seen = list(dict.fromkeys(rows.loc[rows["group"] == "seen", "task"]))
         unseen = list(dict.fromkeys(rows.loc[rows["group"] == "unseen", "task"]))
@@ -335,6 +436,7 @@ def analysis_sections(files: dict[str, str], md_dir: Path, main: pd.DataFrame | 
         doc.figure(files.get("unseen_png"), "Average accuracy (%) on the seen and the unseen tasks.")
     if "pem" in files:
         doc.heading("G. Composition of parameter-efficient modules", 3)
+        from pipeline.analysis.pem import METHODS as pem_methods
         from pipeline.analysis.pem import summary
 
         rows = pd.read_parquet(files["pem"])
@@ -345,9 +447,25 @@ def analysis_sections(files: dict[str, str], md_dir: Path, main: pd.DataFrame | 
                  f"(Task Arithmetic, lambda chosen on validation: full {full_lam.iloc[0] if len(full_lam) else '-'}, "
                  f"LoRA {lora_lam.iloc[0] if len(lora_lam) else '-'}), by negation (each task in turn; accuracy on "
                  "the negated task and on the others), and by task-wise AdaMerging over the updates.")
-        doc.table(summary(rows), "Average accuracy (%) of composed task updates.")
+        composed = summary(rows)
+        ran, main_run = runs.adamerging("pem"), runs.adamerging("main")
+        composed.index = [f"{m} ({ran})" if m == pem_methods["adamerging"] and ran and ran != main_run else m
+                          for m in composed.index]
+        main_lam = runs.lam("task_arithmetic")
+        if len(full_lam) and main_lam is not None:
+            how = "run as the main table's" if ran == main_run else f"run for {ran} (main table: {main_run})"
+            doc.para(f"The full fine-tuning column composes the main table's task vectors: its Addition is Task "
+                     f"Arithmetic at lambda {full_lam.iloc[0]:g} (main table: {main_lam:g}) and its AdaMerging the "
+                     f"task-wise variant, {how}.")
+        doc.table(composed, "Average accuracy (%) of composed task updates.")
         doc.figure(files.get("pem_png"), "Composition of LoRA and full fine-tuning task updates.")
     return doc.md, doc.html
+
+
+def _robust_method(method: str, runs: Runs) -> str:
+    """The robustness table's "adamerging" is the configured variant."""
+    variant = runs.tables.get("robustness", {}).get("variant")
+    return f"adamerging_{variant}" if method == "adamerging" and variant else method
 
 
 def screenshot(html_path: Path, png: Path, width: int = 1200, height: int = 2400, timeout: float = 120) -> bool:

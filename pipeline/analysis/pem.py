@@ -53,6 +53,7 @@ def compose(update: str, encoder: torch.nn.Module, pretrained: dict[str, torch.T
                          lambda j, i=i: "target" if j == i else "control", negation_lam)
     layout = FlatLayout.of(pretrained)
     tvs = torch.stack([layout.flatten(v) for v in vectors])
+    encoder.load_state_dict(pretrained)  # adamerge merges onto the encoder's weights: not the last negation's
     result = adamerge("task_wise", encoder, tvs, heads, images, adamerging_settings, device="cpu", progress=False,
                       tasks=tasks)
     rows += evaluate(result.state_dict, "adamerging", every, lambda _: "all", None)

@@ -106,8 +106,9 @@ def run(encoder: torch.nn.Module, adapt_encoder: torch.nn.Module, pretrained: di
     """Rows (corruption, severity, method, task, test_set, accuracy, n) of one corruption:
     Task Arithmetic and TIES of ``store`` (``pretrained``: a copy of ``encoder``'s weights) and
     AdaMerging (``settings``) of ``finetuned`` adapted on the corrupted test images with
-    ``adapt_encoder``; ``clean``: (task, head, test split) of each task; ``budget_mib``: the
-    memory of the streamed merges (merging.budget_mib)."""
+    ``adapt_encoder``; ``clean``: (task, head, test split) of each task; ``ties``: TIES'
+    settings (its ``lam`` replaced by ``lambdas``'); ``budget_mib``: the memory of the
+    streamed merges (merging.budget_mib)."""
     from pipeline.merging import task_arithmetic, ties_merging
     from pipeline.merging.adamerging import adamerge
     from pipeline.merging.contract import Inputs, default_device
@@ -118,13 +119,13 @@ def run(encoder: torch.nn.Module, adapt_encoder: torch.nn.Module, pretrained: di
         sets["corrupted"] = [(t, h, corrupted_split(d, zoo, corruption, severity, settings.seed)) for t, h, d in clean]
     result = adamerge(variant, adapt_encoder, finetuned, [h for _, h, _ in clean],
                       adaptation_images([d for _, _, d in sets.get("corrupted", clean)], max_images, settings.seed),
-                      settings, device=None, progress=False, tasks=tasks)
+                      settings, device=None, progress=False, tasks=tasks, arch=zoo["arch"])
     ta = task_arithmetic.Settings(lam=lambdas["task_arithmetic"])
     ta_merged = task_arithmetic.run(Inputs(pretrained, tasks, store, budget_mib=budget_mib), ta).state_dict()
     rows = evaluate(encoder, ta_merged, "task_arithmetic", sets, batch_size)
-    tm = ties_merging.Settings(**ties, lam=lambdas["ties_merging"])
-    merged = ties_merging.run(Inputs(pretrained, tasks, store, device=default_device(), budget_mib=budget_mib),
-                              tm).state_dict()
+    tm = ties_merging.Settings(**{**ties, "lam": lambdas["ties_merging"]})
+    merged = ties_merging.run(Inputs(pretrained, tasks, store, device=default_device(), budget_mib=budget_mib,
+                                     arch=zoo["arch"]), tm).state_dict()
     rows += evaluate(encoder, merged, "ties_merging", sets, batch_size)
     rows += evaluate(encoder, result.state_dict, "adamerging", sets, batch_size)
     return pd.DataFrame(rows).assign(corruption=corruption, severity=0 if corruption == "clean" else severity)[COLUMNS]

@@ -30,9 +30,10 @@ def _evaluate(encoder, state_dict, method: str, splits, unseen: Sequence[str], b
 
 def run_baselines(encoder: torch.nn.Module, pretrained: dict[str, torch.Tensor], store,
                   splits: Sequence[tuple[str, torch.Tensor, object]], unseen: Sequence[str], lambdas: dict, ties: dict,
-                  batch_size: int, budget_mib: float) -> pd.DataFrame:
-    """Task Arithmetic and TIES of the seen tasks' vectors (``store``, streamed within
-    ``budget_mib``) on every task of ``splits`` (task, head, test split)."""
+                  batch_size: int, budget_mib: float, arch: str | None = None) -> pd.DataFrame:
+    """Task Arithmetic and TIES (``ties``: its settings, their ``lam`` replaced by ``lambdas``')
+    of the seen tasks' vectors (``store``, streamed within ``budget_mib``) on every task of
+    ``splits`` (task, head, test split); ``arch``: the zoo's architecture."""
     from pipeline.merging import task_arithmetic, ties_merging
     from pipeline.merging.contract import Inputs, default_device
 
@@ -40,9 +41,9 @@ def run_baselines(encoder: torch.nn.Module, pretrained: dict[str, torch.Tensor],
     rows = _evaluate(encoder, task_arithmetic.run(Inputs(pretrained, store.tasks, store, budget_mib=budget_mib),
                                                   ta).state_dict(),
                      "task_arithmetic", splits, unseen, batch_size)
-    tm = ties_merging.Settings(**ties, lam=lambdas["ties_merging"])
-    merged = ties_merging.run(Inputs(pretrained, store.tasks, store, device=default_device(), budget_mib=budget_mib),
-                              tm).state_dict()
+    tm = ties_merging.Settings(**{**ties, "lam": lambdas["ties_merging"]})
+    merged = ties_merging.run(Inputs(pretrained, store.tasks, store, device=default_device(), budget_mib=budget_mib,
+                                     arch=arch), tm).state_dict()
     rows += _evaluate(encoder, merged, "ties_merging", splits, unseen, batch_size)
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -62,10 +63,11 @@ def padded_task_vectors(encoder: torch.nn.Module, finetuned: Sequence[dict], ext
 
 def run_adamerging(encoder: torch.nn.Module, eval_encoder: torch.nn.Module, variant: str, seen: Sequence[str],
                    finetuned: Sequence[dict[str, torch.Tensor]], splits: Sequence[tuple[str, torch.Tensor, object]],
-                   unseen: Sequence[str], settings, max_images: int, batch_size: int) -> pd.DataFrame:
+                   unseen: Sequence[str], settings, max_images: int, batch_size: int,
+                   arch: str | None = None) -> pd.DataFrame:
     """AdaMerging (``settings``) of the seen tasks' fine-tuned models, adapted with
     ``encoder`` on the unlabeled test images of every task of ``splits`` (task, head, test
-    split), evaluated with ``eval_encoder``."""
+    split), evaluated with ``eval_encoder``; ``arch``: the zoo's architecture."""
     from pipeline.analysis.robustness import adaptation_images
     from pipeline.merging.adamerging import adamerge
 
@@ -75,7 +77,7 @@ def run_adamerging(encoder: torch.nn.Module, eval_encoder: torch.nn.Module, vari
     tvs = padded_task_vectors(encoder, finetuned, len(order) - len(seen))
     result = adamerge(variant, encoder, tvs, [h for _, h, _ in ordered],
                       adaptation_images([d for _, _, d in ordered], max_images, settings.seed), settings, device=None,
-                      progress=False, tasks=order)
+                      progress=False, tasks=order, arch=arch)
     return pd.DataFrame(_evaluate(eval_encoder, result.state_dict, f"adamerging_{variant}", ordered, unseen,
                                   batch_size), columns=COLUMNS)
 

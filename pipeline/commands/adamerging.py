@@ -39,7 +39,8 @@ def adamerge(zoo: dict, variant: str, pretrained: str, finetuned: list[str], hea
         log.info("task %s: %d unlabeled test images", task, len(images[-1]))
     encoder = load_clip(zoo, pretrained).visual
     inputs = Inputs(encoder.state_dict(), tasks, encoder=encoder, finetuned=list(finetuned_models(finetuned)),
-                    heads=heads_of(heads), test=images, device=default_device() if device == "auto" else device)
+                    heads=heads_of(heads), test=images, device=default_device() if device == "auto" else device,
+                    arch=zoo["arch"])
     result = spec.run(inputs, config).details["result"]
     log.info("%s: entropy %.4f -> %.4f, final coefficients in [%.3f, %.3f]", variant,
              result.entropy[0] if result.entropy else float("nan"),

@@ -26,7 +26,8 @@ def analysis_sensitivity(zoo: dict, pretrained: str, task_vectors: list[str], he
         vectors = {}
         for method in sorted(set(val["method"])):
             spec = registry.method(method)
-            inputs = Inputs(state, store.tasks, store, device=default_device(), budget_mib=budget_mib)
+            inputs = Inputs(state, store.tasks, store, device=default_device(), budget_mib=budget_mib,
+                            arch=zoo["arch"])
             vectors[method] = spec.run(inputs, spec.configure(settings.get(method, {}))).vector()
         on_test = (encoder, state, vectors, task_splits(zoo, store.tasks, heads, data, "test"))
     table = run(val, refs, on_test, batch_size)

@@ -22,13 +22,13 @@ def analysis_unseen(zoo: dict, pretrained: str, variant: str, tasks: list[str], 
     if variant == "baselines":
         encoder, state, store = open_store(zoo, pretrained, task_vectors)
         table = unseen_analysis.run_baselines(encoder, state, store, splits, unseen, lambdas, ties, batch_size,
-                                              budget_mib)
+                                              budget_mib, zoo["arch"])
     else:
         settings = registry.method(f"adamerging_{variant}").configure(adamerging)
         encoder = load_clip(zoo, pretrained).visual
         table = unseen_analysis.run_adamerging(encoder, load_clip(zoo, pretrained).visual, variant, seen,
                                                list(finetuned_models(finetuned)), splits, unseen, settings, max_images,
-                                               batch_size)
+                                               batch_size, zoo["arch"])
     write_parquet(table, out)
 
 

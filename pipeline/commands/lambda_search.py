@@ -29,8 +29,8 @@ def lambda_search(zoo: dict, method: str, pretrained: str, task_vectors: list[st
                          f"{registry.names(searched=True)}")
     encoder, state, store = open_store(zoo, pretrained, task_vectors)
     config, lambdas = spec.configure(settings), lambda_grid(**grid)
-    vector = spec.run(Inputs(state, store.tasks, store, device=default_device(), budget_mib=budget_mib),
-                      config).vector()
+    vector = spec.run(Inputs(state, store.tasks, store, device=default_device(), budget_mib=budget_mib,
+                             arch=zoo["arch"]), config).vector()
     val = task_splits(zoo, store.tasks, heads, data, "val")
     rows, best = search(encoder, state, vector, lambdas, val, method, batch_size)
     log.info("%s: best lambda %s on validation", method, best)

@@ -32,7 +32,8 @@ def merge(zoo: dict, method: str, pretrained: str, out: str, tasks: list[str] = 
     if Need.TEST_DATA in spec.needs:
         raise ValueError(f"merge: {method} learns on unlabeled test images; run it with the adamerge verb")
     config = spec.configure(settings)
-    inputs = Inputs({}, list(tasks), seed=zoo["seed"], device=default_device(), budget_mib=budget_mib)
+    inputs = Inputs({}, list(tasks), seed=zoo["seed"], device=default_device(), budget_mib=budget_mib,
+                    arch=zoo["arch"])
     record = {"method": method, "settings": dataclasses.asdict(config), "tasks": list(tasks)}  # defaults filled in
     if Need.TASK_VECTORS in spec.needs:
         _, inputs.pretrained, inputs.store = open_store(zoo, pretrained, task_vectors)

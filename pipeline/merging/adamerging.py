@@ -5,10 +5,11 @@ on unlabeled test images.
 
 with one coefficient per task (task-wise) or per task and parameter tensor (layer-wise);
 the ``_plus`` variants (AdaMerging++) replace each tau_k by its TIES part (trimmed, elected,
-disjoint). Defaults follow the official code: lambda starts at 0.3, Adam (lr 1e-3, betas
-(0.9, 0.999)), 500 steps, each step two freshly shuffled batches of 16 images per task, loss
-= sum over tasks and batches of the mean Shannon entropy of the softmax predictions through
-each task's frozen zero-shot head, one backward per step.
+disjoint; the top-``ties_k``% counted over ``ties_count_over`` as in
+:mod:`pipeline.merging.ties_merging`). Defaults follow the official code: lambda starts at
+0.3, Adam (lr 1e-3, betas (0.9, 0.999)), 500 steps, each step two freshly shuffled batches of
+16 images per task, loss = sum over tasks and batches of the mean Shannon entropy of the
+softmax predictions through each task's frozen zero-shot head, one backward per step.
 
 The merged weights come from one operation per step (``kernels.weighted_sum``: Triton's
 flat vector on CUDA, one tensor per parameter on the CPU) and the encoder runs on views of
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from kernels import ties_merge, weighted_sum, weighted_sum_segments
 from pipeline.functional import FlatLayout, functional_forward
 from pipeline.merging.contract import Images, Inputs, MergedState
-from pipeline.models.clip import logits
+from pipeline.models.clip import COUNTS, logits, zeros_counted
 
 StateDict = dict[str, torch.Tensor]
 
@@ -73,6 +74,9 @@ class Settings:
     batch_size: int = 16
     batches_per_task: int = 2
     ties_k: float = 20.0  # AdaMerging++: percentage of entries each task vector keeps
+    # ... of the visual encoder's entries (FusionBench), or "official_encoder": of the official code's
+    # whole ImageEncoder, zero text-side entries included (pipeline.merging.ties_merging)
+    ties_count_over: str = "visual"
     log_every: int = 100  # coefficients are recorded every this many steps and at the end
     seed: int = 0
     precision: str = "fp32"  # encoder matmuls: fp32 (the paper), tf32 or bf16 (autocast)
@@ -88,6 +92,8 @@ class Settings:
             raise ValueError(f"AdaMerging precision {self.precision!r} unknown; choose one of {PRECISIONS}")
         if not self.clamp[0] <= self.clamp[1]:
             raise ValueError(f"AdaMerging clamp bounds {self.clamp} must be (low, high) with low <= high")
+        if self.ties_count_over not in COUNTS:
+            raise ValueError(f"AdaMerging ties_count_over must be one of {COUNTS}, got {self.ties_count_over!r}")
 
 
 @dataclass
@@ -154,9 +160,10 @@ def task_vector_matrix(layout: FlatLayout, base: torch.Tensor, finetuned: Sequen
     return tvs
 
 
-def ties_parts(tvs: torch.Tensor, k: float) -> torch.Tensor:
-    """AdaMerging++ inputs: each task vector's trimmed, sign-elected, disjoint TIES part."""
-    return ties_merge(tvs, k=k, merge="sum", return_parts=True)[1]
+def ties_parts(tvs: torch.Tensor, k: float, extra: int = 0) -> torch.Tensor:
+    """AdaMerging++ inputs: each task vector's trimmed (counted with ``extra`` zeros),
+    sign-elected, disjoint TIES part."""
+    return ties_merge(tvs, k=k, merge="sum", return_parts=True, extra=extra)[1]
 
 
 def softmax_entropy(logit: torch.Tensor) -> torch.Tensor:
@@ -221,7 +228,8 @@ def check_finite_loss(variant: str, losses: Sequence[torch.Tensor], start: int, 
 
 def adamerge(variant: str, encoder: nn.Module, finetuned: Sequence[StateDict] | torch.Tensor,
              heads: Sequence[torch.Tensor], images: Sequence[Images], settings: Settings = Settings(),
-             device: torch.device | str | None = None, progress: bool = True, tasks: Sequence[str] = ()) -> Result:
+             device: torch.device | str | None = None, progress: bool = True, tasks: Sequence[str] = (),
+             arch: str | None = None) -> Result:
     """Learn AdaMerging coefficients and return them with the entropy curve and merged weights.
     The loss is checked every CHECK_EVERY steps and at the end: a run whose loss or
     coefficients stop being finite is stopped (:func:`check_finite_loss`).
@@ -237,6 +245,7 @@ def adamerge(variant: str, encoder: nn.Module, finetuned: Sequence[StateDict] | 
             reads the rows it is indexed with (:class:`~pipeline.merging.contract.Images`).
         device: where to compute (default: CUDA when available).
         tasks: the tasks' names, for messages (default: their indices).
+        arch: the zoo's architecture (AdaMerging++ with ``ties_count_over`` official_encoder).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown AdaMerging variant {variant!r}; known: {sorted(VARIANTS)}")
@@ -259,7 +268,7 @@ def adamerge(variant: str, encoder: nn.Module, finetuned: Sequence[StateDict] | 
     else:
         tvs = task_vector_matrix(layout, base, finetuned)
     if plus:
-        tvs = ties_parts(tvs, s.ties_k)
+        tvs = ties_parts(tvs, s.ties_k, zeros_counted(s.ties_count_over, arch))
     model = FusedMerge(encoder.to(device), layout, base, tvs, layer_wise, s.init, s.clamp)
     heads = [h.to(device=device, dtype=torch.float32) for h in heads]
     optimizer = lambda_optimizer(model, s)
@@ -327,7 +336,7 @@ def runner(variant: str):
 
     def run(inputs: Inputs, settings: Settings = Settings()) -> MergedState:
         result = adamerge(variant, inputs.encoder, inputs.finetuned, inputs.heads, inputs.test, settings,
-                          device=inputs.device, progress=inputs.progress, tasks=inputs.tasks)
+                          device=inputs.device, progress=inputs.progress, tasks=inputs.tasks, arch=inputs.arch)
         return MergedState(result.state_dict, {"result": result})
 
     run.__qualname__ = f"run_{variant}"

@@ -63,6 +63,7 @@ class Inputs:
     device: torch.device | str = "cpu"
     budget_mib: float = 1024  # memory for task-vector blocks in flight when streaming
     progress: bool = True
+    arch: str | None = None  # the zoo's architecture (settings that count the official encoder's entries)
 
 
 class Merge(Protocol):

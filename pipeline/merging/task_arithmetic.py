@@ -12,7 +12,8 @@ from pipeline.store.streaming import Linear
 @dataclass(frozen=True)
 class Settings:
     """``lam``: 0.3, the AdaMerging paper's Task Arithmetic coefficient when no validation
-    data is used (Yang et al., 2024, Sec. 5.1); the workflow searches it on validation."""
+    data is used (Yang et al., 2024, Sec. 5.1; src/main_task_arithmetic.py); the workflow searches
+    it on validation unless merging.lambda_choice is fixed."""
 
     lam: float = 0.3
 

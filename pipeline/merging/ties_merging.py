@@ -19,6 +19,11 @@ statistics before the apply pass:
    entries whose elected sign is exactly zero although some task kept them; if the majority
    turns out not positive those entries are patched at the end (the reducer's ``patches``).
 
+With ``count_over: official_encoder`` each task vector is counted as the AdaMerging code counts
+it, over the whole official ``ImageEncoder`` whose text-side tensors have zero task vectors
+(:func:`pipeline.models.clip.zeros_counted`): those zeros are
+the smallest magnitudes, so only the rank of the threshold among the visual entries changes.
+
 So exact TIES reads the store about twice. Memory beyond the engine's budget: the sample
 (4 MiB per task) and the band's candidates (0.8% of the store's entries, narrowed to at most
 an eighth of the budget on very large stores; the histogram fallback collects one 16-bit
@@ -36,6 +41,7 @@ from kernels import TiesStats, ties_apply
 from kernels.ties_merge import n_keep, ties_trimmed_sum
 from pipeline.merging.contract import Inputs
 from pipeline.merging.streamed import StreamedMerge
+from pipeline.models.clip import COUNTS, zeros_counted
 from pipeline.store.streaming import Reader
 
 MERGES = ("mean", "sum")
@@ -54,12 +60,13 @@ class Ties:
     merge: str = "mean"
     sample: int = 1 << 20  # entries per task read by the sample pass (0: no sample)
     band: float = 0.004  # half-width, in quantile, of the band collected around the estimate
+    extra: int = 0  # zero entries counted with each task vector (count_over official_encoder)
     thresholds: torch.Tensor | None = None
     _elected: int = 0
     _ambiguous: list = field(default_factory=list)
 
     def prepare(self, reader: Reader) -> None:
-        self.thresholds = exact_thresholds(reader, self.k, self.sample, self.band)
+        self.thresholds = exact_thresholds(reader, self.k, self.sample, self.band, self.extra)
         self._apply = reader.op(_ties_block)
 
     def __call__(self, key: str, span: slice, block: torch.Tensor) -> torch.Tensor:
@@ -111,8 +118,11 @@ def _spread(spans: list[tuple[str, slice]], n: int) -> list[tuple[str, slice]]:
     return [spans[i] for i in sorted(set(torch.searchsorted(ends, where, right=True).tolist()))]
 
 
-def exact_thresholds(reader: Reader, k: float, sample: int = 1 << 20, band: float = 0.004) -> torch.Tensor:
-    """Per-task exact top-``k``% magnitude thresholds (the semantics of ``kernels.ties_merge``).
+def exact_thresholds(reader: Reader, k: float, sample: int = 1 << 20, band: float = 0.004,
+                     extra: int = 0) -> torch.Tensor:
+    """Per-task exact top-``k``% magnitude thresholds (the semantics of ``kernels.ties_merge``),
+    each task vector counted with ``extra`` zeros: the threshold is then the rank-th smallest of
+    the store's d entries with rank = d - floor((d + extra) k / 100) (0 when that keeps all).
 
     A second exact select beside ``kernels.ties_thresholds``, on purpose: the store path must
     hold a fixed memory budget over chunks read from disk and read them about once, whereas
@@ -120,8 +130,8 @@ def exact_thresholds(reader: Reader, k: float, sample: int = 1 << 20, band: floa
     select reads every chunk 4 times; the twin stays the plain reference this is tested against.
     """
     n_tasks, d = len(reader.store.tasks), reader.store.numel()
-    keep = n_keep(d, k)
-    if keep == d:
+    keep = n_keep(d + extra, k)
+    if keep >= d:
         return torch.zeros(n_tasks)
     rank = d - keep  # 1-based rank from below; the threshold is the rank-th smallest |x|
     top = d - rank + 1  # ... the top-th largest
@@ -190,19 +200,28 @@ def _histogram_thresholds(reader: Reader, spans: list, tasks: list[int], top: in
 class Settings:
     """``k``: 20, the percentage of entries each task vector keeps (TIES paper, Sec. 5,
     "top-20%"); ``merge``: "mean", the paper's disjoint mean ("sum": the AdaMerging code's
-    dis-sum); ``lam``: 0.3, the paper's best scaling on validation (Appendix C.4)."""
+    dis-sum, src/main_ties_merging.py); ``lam``: 0.3, the paper's best scaling on validation
+    (Appendix C.4) and the AdaMerging code's fixed one; ``count_over``: "visual", the top-k% of
+    the image encoder's entries (FusionBench's CLIPVisionModel), or "official_encoder": of the
+    AdaMerging code's whole ``ImageEncoder`` state dict (zero text-side entries included, see
+    the module doc; needs ``Inputs.arch``)."""
 
     k: float = 20.0
     merge: str = "mean"
     lam: float = 0.3
+    count_over: str = "visual"
 
     def __post_init__(self):
         if self.merge not in MERGES:
             raise ValueError(f"TIES merge must be one of {MERGES}, got {self.merge!r}")
         if not 0 <= self.k <= 100:
             raise ValueError(f"TIES k must be a percentage in [0, 100], got {self.k}")
+        if self.count_over not in COUNTS:
+            raise ValueError(f"TIES count_over must be one of {COUNTS}, got {self.count_over!r}")
 
 
 def run(inputs: Inputs, settings: Settings = Settings()) -> StreamedMerge:
-    """theta_pre + ``lam`` * TIES(task vectors) with top-``k``% trimming and dis-``merge``."""
-    return StreamedMerge(inputs, Ties(settings.k, settings.merge), settings.lam, desc="TIES")
+    """theta_pre + ``lam`` * TIES(task vectors) with top-``k``% trimming (counted over
+    ``count_over``) and dis-``merge``."""
+    ties = Ties(settings.k, settings.merge, extra=zeros_counted(settings.count_over, inputs.arch))
+    return StreamedMerge(inputs, ties, settings.lam, desc="TIES")

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # open_clip is imported where a model is built: it costs ever
     import open_clip
 
 SYNTHETIC_ARCH = "synth-vit-tiny"
+COUNTS = ("visual", "official_encoder")  # what TIES' top-k% of a task vector is counted over
 _CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -41,6 +42,39 @@ def input_size(arch: str, missing_ok: bool = False) -> int | None:
         raise ValueError(f"unknown open_clip architecture {arch!r}; the workflow registers the architecture of a "
                          "Hugging Face CLIPModel from the model_config.json that import-pretrained writes")
     return config["vision_cfg"]["image_size"]
+
+
+def official_encoder_extra(arch: str) -> int:
+    """Entries of the official ``ImageEncoder`` state dict (task_vectors and AdaMerging code:
+    open_clip's CLIP with its text ``transformer`` deleted) beside the visual tower: the text
+    side's token embedding (vocab x width), positional embedding (context x width), final norm
+    (2 x width), text projection (width x embed) and logit scale (1), from the architecture's
+    open_clip config. Fine-tuning never changes them, so their task vectors are zero.
+    ViT-B-32 and ViT-B-16: 25,599,489; ViT-L-14: 38,595,841 (docs/presets.md)."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg
+
+    register_configs()
+    config = open_clip.get_model_config(arch)
+    text = CLIPTextCfg(**config["text_cfg"]) if config else None
+    if text is None or text.hf_model_name:
+        raise ValueError(f"architecture {arch!r} has no open_clip text tower config, so the entries of its official "
+                         "encoder cannot be counted; count over the visual encoder instead (count_over: visual)")
+    width = text.width
+    return (text.vocab_size + text.context_length + 2) * width + width * config["embed_dim"] + 1
+
+
+def zeros_counted(count_over: str, arch: str | None) -> int:
+    """The zero entries TIES counts with each task vector of architecture ``arch``: none over
+    the visual encoder ("visual"), the official encoder's text-side ones ("official_encoder")."""
+    if count_over not in COUNTS:
+        raise ValueError(f"TIES' top-k% is counted over one of {COUNTS}, not {count_over!r}")
+    if count_over == "visual":
+        return 0
+    if not arch:
+        raise ValueError(f"counting TIES' top-k% over the {count_over!r} needs the zoo's architecture: pass "
+                         "Inputs.arch (adamerge: arch), or count over 'visual'")
+    return official_encoder_extra(arch)
 
 
 class WordTokenizer:

@@ -83,6 +83,24 @@ def test_matches_reference_code(kind, k, device):
                 torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("k, extra", [(20, 1), (20, 700), (20, 5000), (60, 5000), (0, 300)])
+def test_extra_zeros_trim_like_the_reference_code_on_zero_padded_vectors(k, extra, device):
+    """The AdaMerging code flattens text-side tensors whose task vectors are zero: counting
+    ``extra`` zeros equals appending them (60% of 7001 keeps more than the 2001 entries: all)."""
+    tvs = _data("ties", 4, 2001, torch.float32, seed=extra).to(device)
+    padded = torch.cat([tvs, tvs.new_zeros(4, extra)], dim=1)
+    for merge in ("mean", "sum"):
+        ref_out, ref_parts = _reference_ties(padded, k, merge)
+        assert not ref_parts[:, 2001:].any()
+        for backend in ("torch", "triton"):
+            out, parts = ties_merge(tvs, k, merge, return_parts=True, backend=backend, extra=extra)
+            assert torch.equal(parts, ref_parts[:, :2001]), (merge, backend)
+            assert torch.equal(out, ref_out[:2001]), (merge, backend)  # "ties" sums are exact in fp32
+    assert not ties_thresholds(tvs, 60, extra=5000).any()  # keep everything
+    with pytest.raises(ValueError, match="extra"):
+        ties_thresholds(tvs, 20, extra=-1)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_thresholds_exact_and_edges(dtype, device):
     tvs = _data("low_bits", 3, 2500, dtype, seed=3).to(device)

@@ -64,28 +64,94 @@ def test_report_embeds_every_analysis(tmp_path):
     assert "unlabeled test images of all tasks" in md
 
 
-def test_report_renders_in_chromium(tmp_path):
-    import shutil
+RUNS = {"main": {"steps": 500, "batches_per_task": 2, "batch_size": 16, "images": 0},
+        "robustness": {"steps": 150, "batches_per_task": 2, "batch_size": 16, "images": 256, "lam": 0.3,
+                       "variant": "layer_wise"},
+        "unseen": {"steps": 500, "batches_per_task": 2, "batch_size": 16, "images": 0, "lam": 0.3},
+        "pem": {"steps": 500, "batches_per_task": 2, "batch_size": 16, "images": 256}}
 
-    from pipeline.report import screenshot, write_report
 
-    if not any(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")):
-        pytest.skip("chromium is not installed")
+def _full_report(tmp_path: Path, averages: dict[str, float]) -> tuple[str, str]:
+    """write_report on eval rows with the given average accuracy per model, every analysis,
+    merge records and runs; returns (markdown, html)."""
+    import json
+
+    from pipeline.report import write_report
+
     evals = tmp_path / "eval.parquet"
-    pd.DataFrame([{"model": m, "method": m, "task": t, "split": "test", "accuracy": 60.0 + i, "n": 10, "seconds": 0.1}
-                  for i, m in enumerate(["zeroshot", "individual", "task_arithmetic"]) for t in TASKS]).to_parquet(evals)
+    pd.DataFrame([{"model": m, "method": m, "task": t, "split": "test", "accuracy": acc, "n": 10, "seconds": 0.1}
+                  for m, acc in averages.items() for t in TASKS]).to_parquet(evals)
+    records = []
+    for method, settings in {"task_arithmetic": {"lam": 0.5}, "ties_merging": {"k": 20, "merge": "mean", "lam": 0.4},
+                             "weight_averaging": {}}.items():
+        path = tmp_path / f"{method}.json"
+        path.write_text(json.dumps({"method": method, "settings": settings, "lambda_grid": [0.3, 0.4, 0.5]}
+                                   if "lam" in settings else {"method": method, "settings": settings}))
+        records.append(str(path))
     zoo = {"name": "tiny", "source": "synthetic", "arch": "synth-vit-tiny", "tasks": TASKS, "heldout_tasks": []}
     report_dir = tmp_path / "report"
     report_dir.mkdir()
-    html_path = report_dir / "report.html"
-    write_report([str(evals)], {"zoo": zoo}, [], zoo, report_dir / "report.md", html_path,
-                 report_dir / "table.parquet", _analysis_outputs(tmp_path))
+    write_report([str(evals)], {"zoo": zoo}, [], zoo, report_dir / "report.md", report_dir / "report.html",
+                 report_dir / "table.parquet", _analysis_outputs(tmp_path), records, RUNS)
+    return (report_dir / "report.md").read_text(), (report_dir / "report.html").read_text()
+
+
+def test_the_claims_table_opens_the_report_and_follows_the_outputs(tmp_path):
+    from pipeline.analysis.claims import TABLE1
+
+    demo = {**TABLE1, "fisher_merging": 55.4, "zeroshot": 62.1}  # the demo's: Fisher merging below zero-shot
+    md, htm = _full_report(tmp_path, demo)
+    assert md.index("## Claims of the paper") < md.index("## Accuracy (%) on the test splits")
+    assert htm.index("<h2>Claims of the paper</h2>") < htm.index("Table 1. Top-1 accuracy")
+    fisher = next(line for line in md.splitlines() if line.startswith("| Fisher Merging above Weight Averaging"))
+    assert "68.3 > 65.8 (Table 1)" in fisher and "55.4 vs 65.8" in fisher and "does not hold" in fisher
+    assert "<td class='fail'>does not hold</td>" in htm and "<td class='ok'>holds</td>" in htm
+    assert "Zero-shot" in md and "AdaMerging ahead under gaussian noise" in md  # from the robustness rows
+    assert "Task Arithmetic best near lambda 0.3" in md and "Entropy and loss positively correlated" in md
+
+
+def test_rows_say_how_they_ran_where_the_main_table_ran_otherwise(tmp_path):
+    from pipeline.analysis.claims import TABLE1
+
+    md, _ = _full_report(tmp_path, TABLE1)
+    assert "Task Arithmetic: lam 0.5 (lambda chosen on the validation split)" in md
+    assert "AdaMerging: 500 steps of 2 x 16 images, from all test images" in md
+    # robustness: Task Arithmetic and TIES at the analysis' lambda, AdaMerging's shorter run
+    assert "| Task Arithmetic (lambda 0.3)" in md and "| TIES-Merging (lambda 0.3)" in md
+    assert "| Layer-wise AdaMerging (150 steps of 2 x 16 images, from 256 test images per task)" in md
+    # unseen tasks: AdaMerging ran as the main table's (the vectors differ: the section says so)
+    unseen = md[md.index("F. Generalisation to unseen tasks"):md.index("G. Composition")]
+    assert "| Layer-wise AdaMerging " in unseen and "steps of" not in unseen
+    pem = md[md.index("G. Composition"):]
+    assert "AdaMerging (task-wise) (500 steps of 2 x 16 images, from 256 test images per task)" in pem
+    assert "Task Arithmetic at lambda 0.3 (main table: 0.5)" in pem
+    assert "run for 500 steps of 2 x 16 images, from 256 test images per task (main table: 500 steps" in pem
+
+
+def test_report_renders_in_chromium(tmp_path):
+    """The HTML report in headless chromium: a page that is not blank, whose rendered DOM opens
+    with the claims table (its verdict cells in their colours)."""
+    import shutil
+    import subprocess
+
+    from pipeline.analysis.claims import TABLE1
+    from pipeline.report import screenshot
+
+    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if exe is None:
+        pytest.skip("chromium is not installed")
+    _full_report(tmp_path, {**TABLE1, "fisher_merging": 55.4})
+    html_path = tmp_path / "report" / "report.html"
     assert screenshot(html_path, tmp_path / "shot.png", height=1600)
     from PIL import Image
 
     with Image.open(tmp_path / "shot.png") as im:
         assert im.size == (1200, 1600)
         assert len(im.convert("L").resize((60, 80)).getcolors(256)) > 10  # not a blank page
+    dump = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", html_path.resolve().as_uri()]
+    dom = subprocess.run(dump, check=True, capture_output=True, text=True, timeout=120).stdout
+    assert dom.index("Claims of the paper") < dom.index("Table 1. Top-1 accuracy")
+    assert '<td class="fail">does not hold</td>' in dom and '<td class="ok">holds</td>' in dom
 
 
 @pytest.mark.parametrize("estimator", ["exact", "fusionbench"])

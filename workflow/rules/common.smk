@@ -40,11 +40,15 @@ LOGS = f"logs/{ZOO}"
 BENCH = f"{RESULTS}/benchmarks"
 STORE = f"{RESULTS}/task_vectors.zarr"
 
-# Method lists, all from the registry (pipeline/merging/registry.py).
+# Method lists, all from the registry (pipeline/merging/registry.py). The searched methods
+# (Task Arithmetic, TIES) take lambda from the validation split (rule lambda_search), or with
+# merging.lambda_choice fixed their settings' lam, merged like the other store methods; their
+# lambda search then still runs for the sensitivity analysis' validation curves.
+FIXED_LAMBDA = config["merging"]["lambda_choice"] == "fixed"
 STORE_MERGES = registry.names(
-    registry.STORE, searched=False
+    registry.STORE, searched=None if FIXED_LAMBDA else False
 )  # one streamed pass over the store
-SEARCH_METHODS = registry.names(searched=True)  # lambda chosen on validation data
+SEARCH_METHODS = registry.names(searched=True)  # lambda searched on validation data
 DATA_METHODS = registry.names(
     registry.MODELS_AND_TRAIN
 )  # fine-tuned models and training examples
@@ -349,3 +353,22 @@ def analysis_files():
     if analysis_on("unseen") and SEEN_TASKS:
         out |= {"unseen": f"{AN}/unseen.parquet", "unseen_png": f"{AN}/unseen.png"}
     return out
+
+
+def report_runs():
+    """What the report's tables ran AdaMerging with (steps, batches, test images per task:
+    0 all), and the analyses their Task Arithmetic and TIES (lam) and robustness its variant,
+    as JSON: the report names the rows that differ from the main table's."""
+
+    def adamerging(settings, images):
+        keys = ("steps", "batches_per_task", "batch_size")
+        return {k: settings[k] for k in keys} | {"images": images}
+
+    runs = {"main": adamerging(ADAMERGING, ADAMERGING["max_images"])}
+    for section in ("robustness", "unseen", "pem"):
+        settings = json.loads(adamerging_settings(section))
+        runs[section] = adamerging(settings, analysis_max_images(section))
+        if "lam" in analysis_cfg(section):
+            runs[section]["lam"] = analysis_cfg(section)["lam"]
+    runs["robustness"]["variant"] = analysis_cfg("robustness")["variant"]
+    return json.dumps(runs, sort_keys=True)

@@ -1,7 +1,16 @@
 # Merge stage: one merged image encoder per method of the registry. Methods on task vectors
-# stream the zarr store; Task Arithmetic and TIES choose lambda on the validation split;
-# Fisher merging, RegMean and RegMean++ read the fine-tuned encoders and training examples;
-# multi-task learning trains jointly. Every rule calls `python -m pipeline merge`.
+# stream the zarr store; Task Arithmetic and TIES choose lambda on the validation split (or,
+# with merging.lambda_choice fixed, merge at their lam in merge_task_vectors); Fisher merging,
+# RegMean and RegMean++ read the fine-tuned encoders and training examples; multi-task
+# learning trains jointly. Every rule calls `python -m pipeline merge`.
+
+# The searched model (and its log): the method's merge, or with a fixed lambda a by-product
+# of the search that the sensitivity analysis runs for its validation curve (not evaluated).
+SEARCHED, SEARCH_JOB = (
+    (f"{RESULTS}/lambda_search/{{method}}", "lambda_search/{method}")
+    if FIXED_LAMBDA
+    else (f"{RESULTS}/merges/{{method}}/model", "merge/{method}")
+)
 
 
 rule merge_task_vectors:
@@ -42,13 +51,13 @@ rule lambda_search:
         heads=heads(TASKS),
         data=task_data(TASKS, "val"),
     output:
-        model=f"{RESULTS}/merges/{{method}}/model.safetensors",
-        settings=f"{RESULTS}/merges/{{method}}/model.json",
+        model=f"{SEARCHED}.safetensors",
+        settings=f"{SEARCHED}.json",
         search=f"{RESULTS}/lambda_search/{{method}}.parquet",
     log:
-        f"{LOGS}/merge/{{method}}.log",
+        f"{LOGS}/{SEARCH_JOB}.log",
     benchmark:
-        f"{BENCH}/merge/{{method}}.tsv"
+        f"{BENCH}/{SEARCH_JOB}.tsv"
     wildcard_constraints:
         method="|".join(SEARCH_METHODS),
     conda:

@@ -1,11 +1,12 @@
-# Report stage: the paper-style table, zoo-quality checks, every analysis (tables and
-# embedded figures), config and stage timings.
+# Report stage: the paper's claims checked, the paper-style table, zoo-quality checks, every
+# analysis (tables and embedded figures), config and stage timings.
 
 
 rule report:
     input:
         evals=eval_files(),
         analysis=list(analysis_files().values()),
+        merges=[f"{RESULTS}/merges/{m}/model.json" for m in MERGE_METHODS],
     output:
         markdown=report(
             f"{RESULTS}/report/report.md",
@@ -33,8 +34,10 @@ rule report:
         config=lambda wc: json.dumps(config, sort_keys=True),  # a function: its {task} is no wildcard
         benchmark_dir=BENCH,
         analysis=[f"{k}={v}" for k, v in analysis_files().items()],
+        runs=report_runs(),
         code=code_version("report"),
     shell:
         "adamerge report --zoo {params.zoo:q} --eval {input.evals:q} --config {params.config:q} "
         "--benchmark-dir {params.benchmark_dir:q} --markdown {output.markdown:q} --html {output.html:q} "
-        "--table {output.table:q} --analysis {params.analysis:q} > {log:q} 2>&1"
+        "--table {output.table:q} --analysis {params.analysis:q} --merges {input.merges:q} "
+        "--runs {params.runs:q} > {log:q} 2>&1"

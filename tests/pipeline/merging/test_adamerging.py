@@ -106,6 +106,28 @@ def test_plus_variants_merge_the_ties_parts(zoo):
     torch.testing.assert_close(layout.flatten(result.state_dict), base + 0.3 * parts.sum(0), rtol=1e-6, atol=1e-6)
 
 
+def test_plus_variants_count_over_the_official_encoder(zoo):
+    """ties_count_over official_encoder: the TIES parts of the task vectors padded with the
+    official ImageEncoder's zero text-side entries (13,697 for the synthetic architecture)."""
+    from pipeline.models.clip import official_encoder_extra
+
+    encoder, pre, finetuned, heads, images = zoo
+    layout = FlatLayout.of(pre)
+    base = layout.flatten(pre)
+    tvs = am.task_vector_matrix(layout, base, finetuned)
+    extra = official_encoder_extra("synth-vit-tiny")
+    parts = _ties_parts_reference(torch.cat([tvs, tvs.new_zeros(len(tvs), extra)], dim=1), 20)[:, :layout.numel]
+    assert (parts != 0).sum() > (_ties_parts_reference(tvs, 20) != 0).sum()  # more than the visual count keeps
+    settings = am.Settings(steps=0, ties_count_over="official_encoder")
+    result = am.adamerge("task_wise_plus", encoder, finetuned, heads, images, settings, progress=False,
+                         arch="synth-vit-tiny")
+    torch.testing.assert_close(layout.flatten(result.state_dict), base + 0.3 * parts.sum(0), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="arch"):
+        am.adamerge("task_wise_plus", encoder, finetuned, heads, images, settings, progress=False)
+    with pytest.raises(ValueError, match="ties_count_over"):
+        am.Settings(ties_count_over="text")
+
+
 def test_entropy_decreases_and_tables(zoo):
     encoder, _, finetuned, heads, images = zoo
     # 2 batches of 8 out of 16 images per task: every step sees all, the loss is deterministic

@@ -23,7 +23,7 @@ def test_every_entry_is_complete():
 def test_unknown_names_and_settings_are_refused_naming_them():
     with pytest.raises(ValueError, match="unknown merging method 'dare_ties'.*weight_averaging"):
         registry.method("dare_ties")
-    with pytest.raises(ValueError, match=r"ties_merging: unknown settings \['kk'\]; known: \['k', 'lam', 'merge'\]"):
+    with pytest.raises(ValueError, match=r"ties_merging: unknown settings \['kk'\]; known: \['count_over', 'k', 'lam', 'merge'\]"):
         registry.method("ties_merging").configure({"kk": 20})
     with pytest.raises(ValueError, match="percentage"):
         registry.method("ties_merging").configure(k=120)

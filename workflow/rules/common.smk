@@ -56,9 +56,10 @@ MERGE_METHODS = [
     for m in registry.names(synthetic=SYNTHETIC)
     if Need.TEST_DATA not in registry.method(m).needs
 ]
-ADAMERGING_VARIANTS = [
-    registry.adamerging_variant(m) for m in registry.names(registry.MODELS_AND_TEST)
-]
+ADAMERGING_VARIANTS = registry.adamerging_variants()
+TEST_TIME_METHODS = registry.test_time_methods(
+    synthetic=SYNTHETIC
+)  # Surgery, WEMoE: workflow/rules/test_time.smk
 NEGATED = TASKS if config["merging"]["task_negation"]["enabled"] else []
 ENV = "../envs/pipeline.yaml"
 

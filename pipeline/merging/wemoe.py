@@ -13,6 +13,9 @@ fewer inputs than outputs (``c_fc``) the input is expanded, ``[r_1 z, ..., r_K z
 (the tensor autograd keeps is (B, S, K * d_in)); else (``c_proj``) the K outputs ``T_k z`` come
 from one matmul and are summed with the weights r (kept: (B, S, K * d_out)). So a routed MLP
 costs K + 1 MLPs of compute and never more than K times the narrow side of its activations.
+Training with ``batch_reduce`` (each task's batch routed by its mean weights) builds one
+weight set per task's batch instead (:func:`grouped_linear`): K weighted sums of the task
+vectors and one MLP per batch.
 
 Saved as one safetensors file of the module's state dict: the encoder (routed blocks keep
 their pretrained MLP weights as ``c_fc``/``c_proj``) plus per routed block ``mlp.router.*``
@@ -122,6 +125,19 @@ def routed_linear(x: torch.Tensor, r: torch.Tensor, layer: nn.Linear, tau: torch
     return out + torch.einsum("bsko,bk->bso", y, r.to(y.dtype))
 
 
+def grouped_linear(x: torch.Tensor, r: torch.Tensor, sizes: Sequence[int], layer: nn.Linear, tau: torch.Tensor,
+                   tau_bias: torch.Tensor) -> torch.Tensor:
+    """``routed_linear`` when the samples come in groups of ``sizes`` that share their routing
+    weights r (G, K): each group's weights ``W_0 + sum_k r[g, k] T_k`` built once (one matmul
+    over the task vectors for all groups), then one matmul per group."""
+    if layer.in_features <= layer.out_features:  # tau (o, K, i)
+        delta = torch.matmul(r.to(tau.dtype), tau).transpose(0, 1)  # (G, o, i)
+    else:  # tau (K, o, i)
+        delta = (r.to(tau.dtype) @ tau.flatten(1)).view(len(r), *tau.shape[1:])
+    bias = layer.bias + r.to(tau_bias.dtype) @ tau_bias  # (G, o)
+    return torch.cat([F.linear(xg, layer.weight + dg, bg) for xg, dg, bg in zip(x.split(list(sizes)), delta, bias)])
+
+
 class RoutedMLP(nn.Module):
     """A transformer block's MLP (c_fc, activation, c_proj) with its pretrained weights as the
     base, the K task vectors of its two linear layers and a router."""
@@ -140,11 +156,15 @@ class RoutedMLP(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         r = self.router(z)
-        if self.groups is not None:
-            r = torch.cat([g.mean(0, keepdim=True).expand(len(g), -1) for g in r.split(list(self.groups))])
-        self.routing = r.detach()
-        h = self.gelu(routed_linear(z, r, self.c_fc, self.c_fc_tau, self.c_fc_tau_bias))
-        return routed_linear(h, r, self.c_proj, self.c_proj_tau, self.c_proj_tau_bias)
+        if self.groups is None:
+            self.routing = r.detach()
+            h = self.gelu(routed_linear(z, r, self.c_fc, self.c_fc_tau, self.c_fc_tau_bias))
+            return routed_linear(h, r, self.c_proj, self.c_proj_tau, self.c_proj_tau_bias)
+        sizes = list(self.groups)
+        r = torch.stack([g.mean(0) for g in r.split(sizes)])  # (G, K)
+        self.routing = r.detach().repeat_interleave(torch.tensor(sizes, device=r.device), 0)
+        h = self.gelu(grouped_linear(z, r, sizes, self.c_fc, self.c_fc_tau, self.c_fc_tau_bias))
+        return grouped_linear(h, r, sizes, self.c_proj, self.c_proj_tau, self.c_proj_tau_bias)
 
 
 class WEMoE(nn.Module):

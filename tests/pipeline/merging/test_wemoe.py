@@ -161,3 +161,38 @@ def test_bad_settings_are_refused(zoo):
         wm.wemoe(encoder, pre, finetuned, heads, images, wm.Settings(batch_size=64), progress=False)
     with pytest.raises(ValueError, match="precision 'fp8' unknown"):
         wm.Settings(precision="fp8")
+
+
+class _GroupMean(torch.nn.Module):
+    """A router whose per-sample weights are replaced by their mean over each group."""
+
+    def __init__(self, router, sizes):
+        super().__init__()
+        self.router, self.sizes = router, sizes
+
+    def forward(self, z):
+        return torch.cat([g.mean(0, keepdim=True).expand(len(g), -1) for g in self.router(z).split(self.sizes)])
+
+
+def test_grouped_routing_is_per_sample_routing_with_the_group_means(zoo):
+    """batch_reduce's path (one weight set per group) against the per-sample path given each
+    group's mean routing weights: outputs and router gradients."""
+    encoder, pre, finetuned, heads, images = zoo
+    model = wm.build(encoder, pre, finetuned)
+    with torch.no_grad():
+        for p in model.router_parameters():
+            p.normal_(0.0, 0.3)
+    per_sample = wm.build(encoder, pre, finetuned)
+    per_sample.load_state_dict(model.state_dict())
+    sizes = [3, 5, 4]
+    for mlp in per_sample.mlps.values():
+        mlp.router = _GroupMean(mlp.router, sizes)
+    x = torch.cat([images[k][:n] for k, n in enumerate(sizes)])
+    batch_sizes = [[n] for n in sizes]
+    loss = am.entropy_loss(model(x, sizes), heads, batch_sizes)
+    loss.backward()
+    reference = am.entropy_loss(per_sample(x), heads, batch_sizes)
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.router_parameters(), per_sample.router_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, **GRAD_TOL)

@@ -6,8 +6,8 @@
 # .whl/ (ignored by git, carried to the device; see docs/benchmarks.md) are installed first into
 # $PYTHON's environment. Then the real-zoo workflow's stages and evaluation throughput
 # (benchmarks/bench_real_zoo.py). Writes to $OUT: kernel_tests.log, bench_kernels.{json,md},
-# bench_adamerging.log, bench_adamerging_{fp32,tf32,bf16}.json, bench_real_zoo.{log,md} and
-# summary.md.
+# bench_adamerging.log, bench_adamerging_{fp32,tf32,bf16}.json, bench_real_zoo.{log,md},
+# bench_test_time.log and summary.md.
 #     OUT=/path bash benchmarks/gpu.sh
 # On a short device budget: PRECISIONS="bf16 fp32" KERNEL_BENCH=0 (skips the kernel benchmark).
 set -u
@@ -58,6 +58,16 @@ if [ "${REAL_ZOO:-1}" != 0 ]; then
     tail -n 30 "$OUT/bench_real_zoo.log"
 fi
 
+# Surgery and WEMoE against FusionBench at the official batches (16 images per task) on 8
+# ViT-B/32 tasks, with WEMoE's 1000 steps end to end (goal: under 2 minutes). TEST_TIME=0 skips.
+if [ "${TEST_TIME:-1}" != 0 ]; then
+    for precision in ${TT_PRECISIONS:-tf32 fp32}; do
+        timeout "${TT_TIMEOUT:-240}" "$PYTHON" benchmarks/bench_test_time.py --configs vit-b-32 --batch 16 \
+            --device cuda --rounds 3 --timed-steps 3 --e2e-steps 1000 --precision "$precision" 2>&1 \
+            | grep -v "No pretrained weights" | tee -a "$OUT/bench_test_time.log"
+    done
+fi
+
 "$PYTHON" - "$OUT" "$JUNIT" "$tests_rc" "$bench_rc" "$ada_rc" <<'PY'
 import sys, xml.etree.ElementTree as ET
 from pathlib import Path
@@ -82,6 +92,8 @@ if (out / "bench_adamerging.log").exists():
     lines += ["", "## AdaMerging", "", "```", (out / "bench_adamerging.log").read_text(), "```"]
 if (out / "bench_real_zoo.md").exists():
     lines += ["", "# Real-zoo workflow", "", (out / "bench_real_zoo.md").read_text()]
+if (out / "bench_test_time.log").exists():
+    lines += ["", "## Surgery and WEMoE", "", "```", (out / "bench_test_time.log").read_text(), "```"]
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines[:3]))
 PY

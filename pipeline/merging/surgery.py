@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.merging.adamerging import draw_batches
+from pipeline.merging.adamerging import CHECK_EVERY, draw_batches
 from pipeline.merging.contract import Images, Inputs, StateDict
 
 MODULES = "modules"  # folder of the per-task files, beside the manifest
@@ -53,13 +53,11 @@ class Settings:
     steps: int = 1000
     batch_size: int = 16
     encode_batch: int = 256
-    log_every: int = 100
     seed: int = 0
 
     def __post_init__(self):
-        if self.rank < 1 or self.steps < 0 or self.batch_size < 1 or self.encode_batch < 1 or self.log_every < 1:
-            raise ValueError(f"Surgery settings need rank, batch_size, encode_batch, log_every >= 1 and steps >= 0: "
-                             f"{self}")
+        if self.rank < 1 or self.steps < 0 or self.batch_size < 1 or self.encode_batch < 1:
+            raise ValueError(f"Surgery settings need rank, batch_size, encode_batch >= 1 and steps >= 0: {self}")
 
 
 class SurgeryModules(nn.Module):
@@ -126,7 +124,7 @@ def train(merged: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], setti
         loss.sum().backward()
         optimizer.step()
         losses.append(loss.detach())
-        if (step + 1) % s.log_every == 0 and not bool(torch.isfinite(torch.stack(losses[-s.log_every:])).all()):
+        if (step + 1) % CHECK_EVERY == 0 and not bool(torch.isfinite(torch.stack(losses[-CHECK_EVERY:])).all()):
             raise FloatingPointError(f"Surgery: the L1 loss is not finite by step {step + 1} (lr {s.lr:g}); lower lr "
                                      "(the paper's is 1e-3) or check the encoders for NaN or Inf")
     return modules, torch.stack(losses).cpu().tolist() if losses else []

@@ -48,6 +48,7 @@ from pipeline.merging.contract import Images, Inputs, StateDict
 
 _ROUTED = re.compile(r"^transformer\.resblocks\.(\d+)\.mlp\.router\.")
 _LINEARS = ("c_fc", "c_proj")
+ROUTING_IMAGES = 128  # test images per task whose routing weights the routing table averages
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,12 @@ class Settings:
     batch_reduce: bool = True
     upper_blocks: int = 0
     precision: str = "fp32"
-    log_every: int = 100  # the routing weights' running loss is recorded every this many steps
     seed: int = 0
 
     def __post_init__(self):
-        if self.steps < 0 or self.batch_size < 1 or self.log_every < 1 or self.router_hidden_layers < 0 \
-                or self.upper_blocks < 0:
-            raise ValueError(f"WEMoE settings need steps, router_hidden_layers, upper_blocks >= 0 and batch_size, "
-                             f"log_every >= 1: {self}")
+        if self.steps < 0 or self.batch_size < 1 or self.router_hidden_layers < 0 or self.upper_blocks < 0:
+            raise ValueError(f"WEMoE settings need steps, router_hidden_layers, upper_blocks >= 0 and batch_size >= 1: "
+                             f"{self}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"WEMoE precision {self.precision!r} unknown; choose one of {PRECISIONS}")
 
@@ -208,7 +207,7 @@ def _blocks_of(encoder: nn.Module) -> nn.ModuleList:
 
 
 def build(encoder: nn.Module, pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
-          settings: Settings = Settings(), device: torch.device | str = "cpu") -> WEMoE:
+          settings: Settings = Settings(), device: torch.device | str = "cpu", progress: bool = False) -> WEMoE:
     """The WEMoE model before adaptation, on ``device``: a copy of ``encoder`` with the Task
     Arithmetic merge (``init_lambda``) outside the routed MLPs, which keep the pretrained
     weights and get the task vectors and fresh routers. The fine-tuned models are read one at
@@ -219,7 +218,7 @@ def build(encoder: nn.Module, pretrained: Mapping[str, torch.Tensor], finetuned:
     floats = [key for key, v in pretrained.items() if v.is_floating_point()]
     merged = {key: pretrained[key].float().clone() for key in floats}
     taus = {key: torch.empty((k, *pretrained[key].shape)) for key in mlp_keys}
-    for t, state in enumerate(tqdm(finetuned, desc="wemoe: task vectors", disable=k < 4, mininterval=2)):
+    for t, state in enumerate(tqdm(finetuned, desc="wemoe: task vectors", disable=not progress, mininterval=2)):
         for key in floats:
             tau = state[key].float() - pretrained[key].float()
             if key in mlp_keys:
@@ -265,14 +264,14 @@ class Result:
         return {}
 
 
-def routing_table(model: WEMoE, tasks: Sequence[str], images: Sequence[Images], batch_size: int,
-                  generator: torch.Generator, device: torch.device) -> pd.DataFrame:
-    """Mean per-sample routing weight of each block and expert over a batch of each task's
-    test images (rows: task of the images, block, expert, weight)."""
+def routing_table(model: WEMoE, tasks: Sequence[str], images: Sequence[Images], generator: torch.Generator,
+                  device: torch.device, n_images: int = ROUTING_IMAGES) -> pd.DataFrame:
+    """Mean per-sample routing weight of each block and expert over ``n_images`` random test
+    images of each task (rows: task of the images, block, expert, weight)."""
     rows = []
     with torch.no_grad():
         for task, x in zip(tasks, images, strict=True):
-            batch, _ = draw_batches([x], batch_size, 1, generator)
+            batch, _ = draw_batches([x], n_images, 1, generator)
             model(batch.to(device))
             for block, r in model.routing().items():
                 for k, w in enumerate(r.float().mean(0).tolist()):
@@ -296,7 +295,7 @@ def wemoe(encoder: nn.Module, pretrained: Mapping[str, torch.Tensor], finetuned:
             raise ValueError(f"WEMoE: task {task!r} has {len(x)} unlabeled test images, fewer than batch_size "
                              f"{s.batch_size}; lower batch_size or give it more images (max_images)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build(encoder, pretrained, finetuned, s, device)
+    model = build(encoder, pretrained, finetuned, s, device, progress)
     heads = [h.to(device=device, dtype=torch.float32) for h in heads]
     params = model.router_parameters()
     fused = device.type in ("cpu", "cuda") or None
@@ -318,9 +317,9 @@ def wemoe(encoder: nn.Module, pretrained: Mapping[str, torch.Tensor], finetuned:
                     raise FloatingPointError(f"WEMoE: the entropy loss is not finite by step {step + 1} (lr {s.lr:g}): "
                                              "the optimisation diverged. Lower lr (the paper's is 1e-4) or use "
                                              "precision fp32")
-            if progress and (step + 1) % s.log_every == 0:
+            if progress and (step + 1) % 10 == 0:
                 bar.set_postfix(entropy=f"{losses[-1].item():.4f}", refresh=False)
-        routing = routing_table(model.eval(), tasks, images, s.batch_size, generator, device)
+        routing = routing_table(model.eval(), tasks, images, generator, device)
     model.requires_grad_(False)
     entropy = torch.stack(losses).float().tolist() if losses else []
     return Result(model, tasks, entropy, routing)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import time
@@ -37,10 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.merging import surgery as sg  # noqa: E402
-from pipeline.merging import wemoe as wm  # noqa: E402
-from pipeline.merging.adamerging import compute_precision, entropy_loss  # noqa: E402
-from pipeline.models.hf_clip import hf_vision_to_open_clip, open_clip_config_from_hf  # noqa: E402
+from pipeline.merging import surgery as sg
+from pipeline.merging import wemoe as wm
+from pipeline.merging.adamerging import compute_precision, entropy_loss
+from pipeline.models.hf_clip import hf_vision_to_open_clip, open_clip_config_from_hf
 
 CONFIGS = {  # name: HF CLIPVisionConfig overrides (None: ViT-B/32's defaults)
     "tiny": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 2,
@@ -245,7 +246,7 @@ def main() -> None:
         case = Case(name, args.tasks, batch, device)
         print(f"\n{name}: {args.tasks} tasks, {batch} images per task and step, "
               f"{sum(p.numel() for p in case.encoder.parameters()) / 1e6:.1f}M parameters per encoder")
-        run = lambda fn: timed(fn, device, args.rounds, args.timed_steps)  # noqa: E731
+        run = functools.partial(timed, device=device, rounds=args.rounds, steps=args.timed_steps)
         with compute_precision(args.precision, device):
             rows = {
                 "surgery step": (run(ours_surgery_step(case)), run(fb_surgery_step(case))),

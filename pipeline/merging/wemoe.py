@@ -312,11 +312,11 @@ def wemoe(encoder: nn.Module, pretrained: Mapping[str, torch.Tensor], finetuned:
             loss.backward()
             optimizer.step()
             losses.append(loss.detach())
-            if (step + 1) % CHECK_EVERY == 0 or step + 1 == s.steps:
-                if not bool(torch.isfinite(torch.stack(losses[-CHECK_EVERY:])).all()):
-                    raise FloatingPointError(f"WEMoE: the entropy loss is not finite by step {step + 1} (lr {s.lr:g}): "
-                                             "the optimisation diverged. Lower lr (the paper's is 1e-4) or use "
-                                             "precision fp32")
+            checked = (step + 1) % CHECK_EVERY == 0 or step + 1 == s.steps
+            if checked and not bool(torch.isfinite(torch.stack(losses[-CHECK_EVERY:])).all()):
+                raise FloatingPointError(f"WEMoE: the entropy loss is not finite by step {step + 1} (lr {s.lr:g}): "
+                                         "the optimisation diverged. Lower lr (the paper's is 1e-4) or use precision "
+                                         "fp32")
             if progress and (step + 1) % 10 == 0:
                 bar.set_postfix(entropy=f"{losses[-1].item():.4f}", refresh=False)
         routing = routing_table(model.eval(), tasks, images, generator, device)

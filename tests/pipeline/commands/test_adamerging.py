@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 from helpers.adamerging import perturbed_zoo, verb_inputs
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.cli import main
 from pipeline.models.checkpoints import save_state_dict

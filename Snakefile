@@ -24,6 +24,7 @@ include: "workflow/rules/task_vectors.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/adamerging.smk"
+include: "workflow/rules/test_time.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/report.smk"
 

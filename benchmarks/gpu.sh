@@ -5,11 +5,12 @@
 # FusionBench joins the AdaMerging benchmark when `fusion_bench` is importable: wheels found in
 # .whl/ (ignored by git, carried to the device; see docs/benchmarks.md) are installed first into
 # $PYTHON's environment. Then the real-zoo workflow's stages and evaluation throughput
-# (benchmarks/bench_real_zoo.py), and the per-matrix successor methods (TSV-M, Iso-C, Iso-CTS,
+# (benchmarks/bench_real_zoo.py), the per-matrix successor methods (TSV-M, Iso-C, Iso-CTS,
 # WUDI) on 8 ViT-B/32 task vectors against FusionBench's functions when it is importable
-# (benchmarks/bench_successors_svd.py). Writes to $OUT: kernel_tests.log, bench_kernels.{json,md},
-# bench_adamerging.log, bench_adamerging_{fp32,tf32,bf16}.json, bench_real_zoo.{log,md},
-# bench_successors_svd.{log,md,json} and summary.md.
+# (benchmarks/bench_successors_svd.py), and Surgery and WEMoE (benchmarks/bench_test_time.py).
+# Writes to $OUT: kernel_tests.log, bench_kernels.{json,md}, bench_adamerging.log,
+# bench_adamerging_{fp32,tf32,bf16}.json, bench_real_zoo.{log,md},
+# bench_successors_svd.{log,md,json}, bench_test_time.log and summary.md.
 #     OUT=/path bash benchmarks/gpu.sh
 # On a short device budget: PRECISIONS="bf16 fp32" KERNEL_BENCH=0 (skips the kernel benchmark).
 set -u
@@ -71,6 +72,16 @@ if [ "${SUCCESSORS:-1}" != 0 ]; then
     tail -n 8 "$OUT/bench_successors_svd.log"
 fi
 
+# Surgery and WEMoE against FusionBench at the official batches (16 images per task) on 8
+# ViT-B/32 tasks, with WEMoE's 1000 steps end to end (goal: under 2 minutes). TEST_TIME=0 skips.
+if [ "${TEST_TIME:-1}" != 0 ]; then
+    for precision in ${TT_PRECISIONS:-tf32 fp32}; do
+        timeout "${TT_TIMEOUT:-240}" "$PYTHON" benchmarks/bench_test_time.py --configs vit-b-32 --batch 16 \
+            --device cuda --rounds 3 --timed-steps 3 --e2e-steps 1000 --precision "$precision" 2>&1 \
+            | grep -v "No pretrained weights" | tee -a "$OUT/bench_test_time.log"
+    done
+fi
+
 "$PYTHON" - "$OUT" "$JUNIT" "$tests_rc" "$bench_rc" "$ada_rc" <<'PY'
 import sys, xml.etree.ElementTree as ET
 from pathlib import Path
@@ -97,6 +108,8 @@ if (out / "bench_real_zoo.md").exists():
     lines += ["", "# Real-zoo workflow", "", (out / "bench_real_zoo.md").read_text()]
 if (out / "bench_successors_svd.md").exists():
     lines += ["", "# Per-matrix successor methods", "", (out / "bench_successors_svd.md").read_text()]
+if (out / "bench_test_time.log").exists():
+    lines += ["", "## Surgery and WEMoE", "", "```", (out / "bench_test_time.log").read_text(), "```"]
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines[:3]))
 PY

@@ -40,6 +40,7 @@ COMMANDS = {
     "merge": "merge",
     "lambda-search": "lambda_search",
     "adamerge": "adamerging",
+    "adapt": "test_time",
     "evaluate": "evaluate",
     "report": "report",
     "analysis-sensitivity": "analysis_sensitivity",

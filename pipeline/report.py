@@ -459,6 +459,8 @@ def analysis_sections(files: dict[str, str], md_dir: Path, runs: Runs | None = N
                      f"task-wise variant, {how}.")
         doc.table(composed, "Average accuracy (%) of composed task updates.")
         doc.figure(files.get("pem_png"), "Composition of LoRA and full fine-tuning task updates.")
+    if any(k.endswith("_summary") for k in files):
+        test_time_section(doc, files, main)
     return doc.md, doc.html
 
 
@@ -466,6 +468,36 @@ def _robust_method(method: str, runs: Runs) -> str:
     """The robustness table's "adamerging" is the configured variant."""
     variant = runs.tables.get("robustness", {}).get("variant")
     return f"adamerging_{variant}" if method == "adamerging" and variant else method
+def test_time_section(doc: _Doc, files: dict[str, str], main: pd.DataFrame | None) -> None:
+    """Surgery and WEMoE: what each adds to the encoder, its average accuracy, Surgery's gain
+    over its base merge, WEMoE's routing weights (table and figure)."""
+    import json
+
+    doc.heading("H. Test-time successors of AdaMerging", 3)
+    rows = []
+    for key in sorted(k for k in files if k.endswith("_summary")):
+        summary = json.loads(Path(files[key]).read_text())
+        method = summary["method"]
+        avg = main.loc[method, "Avg."] if main is not None and method in main.index else float("nan")
+        base = summary.get("base_method")
+        base_avg = main.loc[base, "Avg."] if base and main is not None and base in main.index else float("nan")
+        rows.append({"method": _label(method), "on top of": _label(base) if base else "Task Arithmetic",
+                     "added parameters": f"{summary['added_parameters']:,}", "Avg.": avg,
+                     "gain over its base": avg - base_avg if base else float("nan")})
+    doc.para("Learned on the unlabeled test images like AdaMerging. Representation Surgery adds a rank-r module "
+             "per task on the final features of its base merge (evaluated with each task's module); WEMoE routes "
+             "each block's MLP per sample over the task vectors (the rest Task Arithmetic), so it stores the MLP "
+             "task vectors of every task and a router per block.")
+    doc.table(pd.DataFrame(rows).set_index("method"), "Test-time methods: parameters added to one encoder, average "
+              "accuracy (%) and gain (points) over the base merge.")
+    if "wemoe_routing" in files:
+        from pipeline.analysis.routing import routing_summary
+
+        doc.table(routing_summary(pd.read_parquet(files["wemoe_routing"])), "WEMoE: mean routing weight of each "
+                  "task's own expert and of the other experts, over all routed blocks, for each task's test images.",
+                  fmt="{:.3f}")
+        doc.figure(files.get("wemoe_routing_png"), "WEMoE routing weights per routed block (rows) and expert "
+                   "(columns) for each task's test images; the images' own task framed.")
 
 
 def screenshot(html_path: Path, png: Path, width: int = 1200, height: int = 2400, timeout: float = 120) -> bool:

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
-from pipeline.commands.loading import finetuned_models, heads_of, splits
-from pipeline.data.tasks import unlabeled
+from pipeline.commands.loading import finetuned_models, heads_of, unlabeled_test_images
 from pipeline.io import write_parquet
 from pipeline.merging import registry
 from pipeline.merging.adamerging import entropy_table, lambda_table
@@ -30,13 +27,7 @@ def adamerge(zoo: dict, variant: str, pretrained: str, finetuned: list[str], hea
         raise ValueError(f"{n} tasks need as many --finetuned, --heads (and --data) files")
     spec = registry.method(f"adamerging_{variant}")
     config = spec.configure(settings)
-    images = []
-    for task, split in zip(tasks, splits(zoo, tasks, data, "test")):
-        rows = None
-        if 0 < max_images < len(split):
-            rows = torch.randperm(len(split), generator=torch.Generator().manual_seed(config.seed))[:max_images]
-        images.append(unlabeled(split, rows))
-        log.info("task %s: %d unlabeled test images", task, len(images[-1]))
+    images = unlabeled_test_images(zoo, tasks, data, max_images, config.seed, log)
     encoder = load_clip(zoo, pretrained).visual
     inputs = Inputs(encoder.state_dict(), tasks, encoder=encoder, finetuned=list(finetuned_models(finetuned)),
                     heads=heads_of(heads), test=images, device=default_device() if device == "auto" else device,

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from pipeline.data.tasks import load_split
+from pipeline.data.tasks import load_split, unlabeled
 from pipeline.zoo.store import load_clip, load_encoder_state, load_head
 
 
@@ -64,6 +64,21 @@ def task_splits(zoo: dict, tasks: Sequence[str], heads: Sequence[str], data: Seq
                 split: str = "test") -> list[tuple[str, torch.Tensor, Any]]:
     """(task, head, split) of each task."""
     return list(zip(tasks, heads_of(heads), splits(zoo, tasks, data, split), strict=True))
+
+
+def unlabeled_test_images(zoo: dict, tasks: Sequence[str], data: Sequence[str], max_images: int, seed: int,
+                          log=None) -> list:
+    """Each task's unlabeled test images (at most ``max_images``, a seeded random subset; 0:
+    all), read on access (:func:`pipeline.data.tasks.unlabeled`)."""
+    images = []
+    for task, split in zip(tasks, splits(zoo, tasks, data, "test")):
+        rows = None
+        if 0 < max_images < len(split):
+            rows = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:max_images]
+        images.append(unlabeled(split, rows))
+        if log is not None:
+            log.info("task %s: %d unlabeled test images", task, len(images[-1]))
+    return images
 
 
 def heads_of(paths: Sequence[str]) -> list[torch.Tensor]:

@@ -59,6 +59,7 @@ class Inputs:
     heads: Sequence[torch.Tensor] = ()  # per task the frozen zero-shot head
     train: Sequence[Dataset] = ()  # per task the labelled training split
     test: Sequence[Images] = ()  # per task unlabeled test images
+    base: str | Path | None = None  # a saved merge that the method builds on (Surgery's base merge)
     seed: int = 0
     device: torch.device | str = "cpu"
     budget_mib: float = 1024  # memory for task-vector blocks in flight when streaming

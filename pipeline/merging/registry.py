@@ -18,12 +18,14 @@ from pipeline.merging import (
     multitask,
     regmean,
     regmean_plusplus,
+    surgery,
     tall_masks,
     task_arithmetic,
     task_negation,
     ties_merging,
     tsv_merging,
     weight_averaging,
+    wemoe,
     wudi,
 )
 from pipeline.merging.contract import Method, Need
@@ -73,6 +75,11 @@ _METHODS = [
            ADAMERGING, MODELS_AND_TEST, adamerging.Settings, adamerging.runner(variant),
            table_row=7 + 2 * layer_wise + plus)
     for variant, (layer_wise, plus) in adamerging.VARIANTS.items()
+] + [
+    Method("wemoe", "WEMoE", "Tang et al., Merging Multi-Task Models via Weight-Ensembling Mixture of Experts, "
+           "ICML 2024", MODELS_AND_TEST, wemoe.Settings, wemoe.run, route=wemoe.route),
+    Method("surgery", "Representation Surgery", "Yang et al., Representation Surgery for Multi-Task Model Merging, "
+           "ICML 2024", MODELS_AND_TEST, surgery.Settings, surgery.run, route=surgery.route),
 ]
 
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}
@@ -103,3 +110,14 @@ def table_rows() -> list[str]:
 def adamerging_variant(name: str) -> str:
     """``adamerging_layer_wise`` -> ``layer_wise``."""
     return name.removeprefix("adamerging_")
+
+
+def adamerging_variants() -> list[str]:
+    """The AdaMerging variants in registry order (the methods of the ``adamerging`` rules)."""
+    return [adamerging_variant(m.name) for m in _METHODS if m.run.__module__ == adamerging.__name__]
+
+
+def test_time_methods(synthetic: bool = True) -> list[str]:
+    """Methods learned on unlabeled test images other than AdaMerging (the test_time rules)."""
+    return [m for m in names(synthetic=synthetic)
+            if Need.TEST_DATA in METHODS[m].needs and METHODS[m].run.__module__ != adamerging.__name__]

@@ -172,3 +172,29 @@ def test_the_report_names_the_fisher_estimator_beside_its_row(tmp_path, estimato
         assert note.replace("&#x27;", "'").startswith(expected), note[:120]
         assert f"on 64 training examples per task (merging.fisher_merging.estimator: {estimator})" in note
     assert md.read_text().index("Fisher Merging: ") > md.read_text().index("| fisher_merging")  # after the table
+
+
+def test_report_states_the_test_time_methods(tmp_path):
+    """Surgery's gain over its base merge and what each method adds; WEMoE's routing weights."""
+    import json
+
+    from pipeline.analysis.routing import plot_routing
+    from pipeline.report import analysis_sections
+
+    (tmp_path / "surgery.json").write_text(json.dumps({"method": "surgery", "base_method": "adamerging_layer_wise",
+                                                       "added_parameters": 4096}))
+    (tmp_path / "wemoe.json").write_text(json.dumps({"method": "wemoe", "added_parameters": 123456}))
+    routing = pd.DataFrame([{"task": t, "block": b, "expert": e, "weight": 0.6 if t == e else 0.2}
+                            for t in TASKS for b in range(3) for e in TASKS])
+    routing.to_parquet(tmp_path / "routing.parquet")
+    plot_routing(routing, tmp_path / "routing.png")
+    main = pd.DataFrame({"Avg.": [70.0, 75.5, 80.0]}, index=["adamerging_layer_wise", "surgery", "wemoe"])
+    files = {"surgery_summary": str(tmp_path / "surgery.json"), "wemoe_summary": str(tmp_path / "wemoe.json"),
+             "wemoe_routing": str(tmp_path / "routing.parquet"), "wemoe_routing_png": str(tmp_path / "routing.png")}
+    md, htm = analysis_sections(files, tmp_path, main)
+    md = "\n".join(md)
+    assert "Test-time successors of AdaMerging" in md
+    surgery_row = next(line for line in md.splitlines() if line.startswith("| Representation Surgery"))
+    assert "Layer-wise AdaMerging" in surgery_row and "4,096" in surgery_row and "5.5" in surgery_row
+    assert "123,456" in md and "0.600" in md and "0.200" in md
+    assert "\n".join(htm).count("data:image/png;base64,") == 1

@@ -60,9 +60,12 @@ MERGE_METHODS = [
     for m in registry.names(synthetic=SYNTHETIC)
     if Need.TEST_DATA not in registry.method(m).needs
 ]
-ADAMERGING_VARIANTS = [
-    registry.adamerging_variant(m) for m in registry.names(registry.MODELS_AND_TEST)
-]
+ADAMERGING_VARIANTS = registry.adamerging_variants()
+TEST_TIME_METHODS = [
+    m
+    for m in registry.test_time_methods(synthetic=SYNTHETIC)
+    if config["merging"][m]["enabled"]
+]  # Surgery, WEMoE: workflow/rules/test_time.smk
 NEGATED = TASKS if config["merging"]["task_negation"]["enabled"] else []
 ENV = "../envs/pipeline.yaml"
 
@@ -272,6 +275,30 @@ def merge_settings(method):
     )
 
 
+# Test-time methods (workflow/rules/test_time.smk): their job keys beside the settings.
+TEST_TIME_JOB_KEYS = ("enabled", "max_images", "gpus")
+
+
+def merged_model(method):
+    """The merged model file of a single-merge registry method in this workflow."""
+    if method in MERGE_METHODS and registry.method(method).route is None:
+        return f"{RESULTS}/merges/{method}/model.safetensors"
+    if method in [f"adamerging_{v}" for v in ADAMERGING_VARIANTS]:
+        return f"{RESULTS}/adamerging/{registry.adamerging_variant(method)}/model.safetensors"
+    known = [m for m in MERGE_METHODS if registry.method(m).route is None]
+    raise ValueError(
+        f"config: merging.surgery.base {method!r} has no merged model in this workflow; choose one of "
+        f"{known + [f'adamerging_{v}' for v in ADAMERGING_VARIANTS]}"
+    )
+
+
+def test_time_settings(method):
+    cfg = config["merging"][method]
+    return json.dumps(
+        {k: v for k, v in cfg.items() if k not in TEST_TIME_JOB_KEYS}, sort_keys=True
+    )
+
+
 def eval_files():
     return (
         [f"{RESULTS}/eval/zeroshot.parquet"]
@@ -279,6 +306,7 @@ def eval_files():
         + [f"{RESULTS}/eval/{m}.parquet" for m in MERGE_METHODS]
         + [f"{RESULTS}/eval/task_negation/{t}.parquet" for t in NEGATED]
         + [f"{RESULTS}/eval/adamerging_{v}.parquet" for v in ADAMERGING_VARIANTS]
+        + [f"{RESULTS}/eval/{m}.parquet" for m in TEST_TIME_METHODS]
     )
 
 
@@ -349,6 +377,13 @@ def analysis_files():
         out |= {
             "robustness": f"{AN}/robustness.parquet",
             "robustness_png": f"{AN}/robustness.png",
+        }
+    for m in TEST_TIME_METHODS:  # workflow/rules/test_time.smk
+        out[f"{m}_summary"] = f"{RESULTS}/test_time/{m}/summary.json"
+    if "wemoe" in TEST_TIME_METHODS:
+        out |= {
+            "wemoe_routing": f"{RESULTS}/test_time/wemoe/routing.parquet",
+            "wemoe_routing_png": f"{RESULTS}/test_time/wemoe/routing.png",
         }
     if analysis_on("unseen") and SEEN_TASKS:
         out |= {"unseen": f"{AN}/unseen.parquet", "unseen_png": f"{AN}/unseen.png"}

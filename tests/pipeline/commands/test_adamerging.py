@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers.adamerging import perturbed_zoo
-from safetensors.torch import load_file, save_file
+from helpers.adamerging import perturbed_zoo, verb_inputs
+from safetensors.torch import load_file
 
 from pipeline.cli import main
 from pipeline.models.checkpoints import save_state_dict
@@ -22,24 +22,10 @@ def zoo():
 def adamerge_args(tmp_path, finetuned, heads) -> list[str]:
     """The adamerge verb's inputs for two synthetic tasks "a" and "b" of 20 test images, written
     under ``tmp_path``; its outputs under ``tmp_path / "out"``."""
-    clip = create_model("synth-vit-tiny", seed=0)
-    save_state_dict(clip.state_dict(), tmp_path / "pretrained.safetensors")
-    files = {"finetuned": [], "heads": [], "data": []}
-    rng = np.random.default_rng(0)
-    for t in range(2):
-        save_file(finetuned[t], tmp_path / f"ft{t}.safetensors")  # as given, unchecked
-        save_head(heads[t], tmp_path / f"head{t}.safetensors")
-        np.savez(tmp_path / f"t{t}.npz", x_test=rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8),
-                 y_test=np.zeros(20, dtype=np.int64))
-        files["finetuned"].append(str(tmp_path / f"ft{t}.safetensors"))
-        files["heads"].append(str(tmp_path / f"head{t}.safetensors"))
-        files["data"].append(str(tmp_path / f"t{t}.npz"))
-    zoo_cfg = {"name": "t", "source": "synthetic", "arch": "synth-vit-tiny", "seed": 0}
+    common = verb_inputs(tmp_path, finetuned, heads)
     out = tmp_path / "out"
-    return ["adamerge", "--zoo", json.dumps(zoo_cfg), "--pretrained", str(tmp_path / "pretrained.safetensors"),
-            "--finetuned", *files["finetuned"], "--heads", *files["heads"], "--tasks", "a", "b",
-            "--data", *files["data"], "--device", "cpu", "--out", str(out / "model.safetensors"),
-            "--lambdas", str(out / "lambdas.parquet"), "--entropy", str(out / "entropy.parquet"), "--threads", "1"]
+    return ["adamerge", *common, "--out", str(out / "model.safetensors"), "--lambdas", str(out / "lambdas.parquet"),
+            "--entropy", str(out / "entropy.parquet"), "--threads", "1"]
 
 
 def test_cli_writes_model_lambdas_and_entropy(zoo, tmp_path):

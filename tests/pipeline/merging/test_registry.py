@@ -40,8 +40,10 @@ def test_lists_the_workflow_derives():
     assert set(registry.names(registry.MODELS_AND_TRAIN)) >= {"fisher_merging", "regmean"}
     assert "multitask" in registry.names() and "multitask" not in registry.names(synthetic=False)
     assert registry.names(per_task=True) == ["task_negation"]
-    variants = [registry.adamerging_variant(m) for m in registry.names(registry.MODELS_AND_TEST)]
+    variants = registry.adamerging_variants()
     assert variants == ["task_wise", "layer_wise", "task_wise_plus", "layer_wise_plus"]
+    assert registry.test_time_methods() == ["wemoe", "surgery"]
+    assert all(registry.method(m).route is not None for m in registry.test_time_methods())
 
 
 def test_table_rows_follow_the_papers_table_1():

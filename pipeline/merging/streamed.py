@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -106,8 +107,9 @@ _BITS = torch.arange(8, dtype=torch.uint8)  # bit j of byte b is entry 8 b + j
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """(K, 8 m) bool -> (K, m) uint8, entry 8 b + j in bit j of byte b."""
-    return (bits.view(bits.shape[0], -1, 8).to(torch.uint8) << _BITS.to(bits.device)).sum(-1, dtype=torch.uint8)
+    """(K, n) bool -> (K, ceil(n / 8)) uint8 on the CPU, entry 8 b + j in bit j of byte b (the
+    last byte padded with zeros; numpy's packbits, 20x faster than torch ops)."""
+    return torch.from_numpy(np.packbits(bits.cpu().numpy(), axis=-1, bitorder="little"))
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -150,13 +152,11 @@ class RoutedMerge:
         reader = Reader(store, self.inputs.budget_mib, device=self.inputs.device)
         current: dict = {"key": None}
 
-        def flush() -> None:  # the masks of the tensor just written, padded to whole bytes
+        def flush() -> None:  # the masks of the tensor just written, the last byte padded
             if current["key"] is None:
                 return
-            carry = current["carry"]
-            if carry.shape[1]:
-                padded = torch.cat([carry, carry.new_zeros(len(tasks), 8 - carry.shape[1])], 1)
-                current["packed"].append(pack_bits(padded).cpu())
+            if current["carry"].shape[1]:
+                current["packed"].append(pack_bits(current["carry"]))
             packed = torch.cat(current["packed"], 1)
             for row, task in zip(packed, tasks):
                 writer.write(f"mask.{task}.{current['key']}", row)
@@ -169,7 +169,7 @@ class RoutedMerge:
             writer.write(f"vector.{key}", vector.cpu())
             bits = torch.cat([current["carry"], masks], 1)
             whole = bits.shape[1] // 8 * 8
-            current["packed"].append(pack_bits(bits[:, :whole]).cpu())
+            current["packed"].append(pack_bits(bits[:, :whole]))
             current["carry"] = bits[:, whole:]
 
         try:

@@ -100,5 +100,5 @@ def test_a_routed_base_is_refused(zoo):
     spec = registry.method("surgery")
     with pytest.raises(ValueError, match="Surgery's base 'wemoe' is no single merged encoder"):
         spec.run(_inputs(zoo), spec.configure(base="wemoe"))
-    with pytest.raises(ValueError, match="unknown merging method 'dare'"):
-        spec.run(_inputs(zoo), spec.configure(base="dare"))
+    with pytest.raises(ValueError, match="unknown merging method 'dare_ties'"):
+        spec.run(_inputs(zoo), spec.configure(base="dare_ties"))

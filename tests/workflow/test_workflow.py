@@ -113,12 +113,12 @@ def test_adding_a_task_reruns_only_its_jobs_and_the_whole_set_jobs(micro_run: Pa
     cfg["zoo"]["tasks"].append("count")
     (micro_run / "config/added.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake("-n", "--cores", "2", "--configfile", "config/added.yaml", cwd=micro_run)
-    # the registry's methods by rule (6 today: weight averaging | task arithmetic, TIES | Fisher,
-    # RegMean, multi-task learning)
+    # the registry's methods by rule (streamed once | lambda searched | fine-tuned models and data)
     streamed = len(registry.names(registry.STORE, searched=False))
     searched = len(registry.names(searched=True))
     with_data = len(registry.names(registry.MODELS_AND_TRAIN)) + len(registry.names(frozenset({Need.TRAIN_DATA})))
     n_methods = streamed + searched + with_data
+    test_time = registry.test_time_methods()  # Surgery (on layer-wise AdaMerging) and WEMoE
     assert job_counts(proc.stdout) == {
         # the new task's own jobs
         "task_data": 1, "zero_shot_head": 1, "finetune": 1, "task_vector": 1, "task_negation": 1,
@@ -128,7 +128,7 @@ def test_adding_a_task_reruns_only_its_jobs_and_the_whole_set_jobs(micro_run: Pa
         "evaluate_zeroshot": 1, "merge_task_vectors": streamed, "lambda_search": searched,
         "merge_with_data": with_data,
         "evaluate_merged": n_methods, "evaluate_negation": len(cfg["zoo"]["tasks"]),
-        "adamerging": 4, "evaluate_adamerging": 4,
+        "adamerging": 4, "evaluate_adamerging": 4, **{m: 1 for m in test_time}, "evaluate_test_time": len(test_time),
         # analyses over the whole task set; the unseen-task split (the last two tasks) moves;
         # the robustness merge (the first four tasks) is unchanged
         "analysis_sensitivity": 1, "analysis_coefficients": 1, "analysis_distances": 1,

@@ -6,7 +6,8 @@ zero-shot head, on N training examples per task:
   takes this expectation): F = 1/N sum_x sum_c p(c|x) (d log p(c|x) / d theta)^2, the
   expectation over the classes under the model's own predictive distribution;
 - ``sampled``: one label per example drawn from p(.|x), F = 1/N sum_x (d log p(y|x) / d theta)^2,
-  an unbiased one-sample estimate of the same;
+  an unbiased one-sample estimate of the same (a noisy one under confident predictions: the
+  rare classes, whose gradients are large, are seldom drawn);
 - ``fusionbench``: FusionBench's ``FisherMergingForCLIPVisionModel.get_fisher_weights``: per
   batch B the gradient of sum_{x in B} sum_c sqrt(p(c|x)) log p(c|x) (p held constant),
   squared, summed over batches, / N. Squaring the batch sum keeps the cross terms between
@@ -15,15 +16,18 @@ zero-shot head, on N training examples per task:
 The exact estimator takes per-example gradients with torch.func: one forward per example (and
 chunk of classes) and the pullback of log p along sqrt(p_c) e_c for the chunk's classes at
 once (vmap over the classes of one vjp, and over the examples of a batch), so each squared
-gradient is one example's. One backward per class over a batch would sum the examples' gradients before
-squaring (FusionBench's cross terms); per example, the cost is C pullbacks, C times the
-sampled estimator's. The (examples x classes) gradients in flight take at most
-``inputs.budget_mib`` (at least one gradient: 4 bytes a parameter).
+gradient is one example's. One backward per class over a batch would sum the examples'
+gradients before squaring (FusionBench's cross terms). Per example it costs C pullbacks, about
+C times the sampled estimator. The (example, class) gradients in flight, each counted twice
+for the pullback's intermediates, take ``inputs.budget_mib`` (4 bytes a parameter; at least
+one gradient at a time).
 
 theta = sum_k c_k (F_k + eps) theta_k / sum_k c_k (F_k + eps), with c_k = 1 / ||F_k|| when
 ``normalize`` (FusionBench's default; eps = 1e-6 as there and in the paper's code, which floors
-instead of adding). Tensors that are not parameters (buffers) are averaged. Only one fine-tuned
-model and its Fisher are in memory at a time.
+instead of adding). Tensors that are not parameters (buffers) are averaged. open_clip's
+``proj`` is a parameter of the image encoder, so its Fisher enters ||F_k|| (FusionBench's
+CLIPVisionModel has no projection). Only one fine-tuned model and its Fisher are in memory at
+a time.
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ def _exact(encoder, head, dataset, order, params, fisher, budget_mib, desc) -> N
     weights = {name: p.detach() for name, p in params.items()}
     classes = head.shape[0]
     gradient_bytes = sum(p.numel() * 4 for p in weights.values())
-    pairs = max(1, int(budget_mib * 2**20 // gradient_bytes))  # (example, class) gradients in flight
+    pairs = max(1, int(budget_mib * 2**20 // (2 * gradient_bytes)))  # (example, class) gradients in flight
     chunk = min(classes, pairs)
     per_call = max(1, pairs // chunk)
 
@@ -125,8 +129,8 @@ def diagonal_fisher(encoder: nn.Module, head: torch.Tensor, dataset: Dataset, ex
                     desc: str = "fisher") -> StateDict:
     """Diagonal Fisher (fp32, on the CPU) of ``encoder`` + ``head`` on ``examples`` examples of
     ``dataset`` in a seeded random order, by ``estimator`` (see the module);
-    ``batch_size``: the fusionbench estimator's batches; ``budget_mib``: the exact one's
-    gradients in flight. Runs where the encoder's parameters are."""
+    ``batch_size``: the fusionbench estimator's batches; ``budget_mib``: the memory of the exact
+    one's gradients in flight. Runs where the encoder's parameters are."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"Fisher merging: unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
     params = dict(encoder.named_parameters())

@@ -41,6 +41,7 @@ def config() -> dict:
             "adamerging": {"steps": 4, "batch_size": 8, "gpus": 0},
             "fisher_merging": {"examples": 16},
             "regmean": {"examples": 16},
+            "regmean_plusplus": {"examples": 16},
             "lambda_grid": {"start": 0.2, "stop": 0.6, "step": 0.2},
         },
         "analysis": {

@@ -115,8 +115,8 @@ def test_one_task_is_that_tasks_model():
     state = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in encoder.state_dict().items()}
     got = _run(encoder, [state], [_images(12, 2)], examples=12)
     assert got.keys() == state.keys()
-    for k in state:
-        torch.testing.assert_close(got[k], state[k], rtol=1e-4, atol=1e-5, msg=k)
+    for k, value in state.items():
+        torch.testing.assert_close(got[k], value, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_models_that_differ_only_in_their_last_block_merge_as_regmean():

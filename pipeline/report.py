@@ -5,6 +5,7 @@ relative links) and as one self-contained HTML page (figures embedded as base64 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import os
@@ -93,11 +94,11 @@ def zoo_checks(table: pd.DataFrame, tasks: list[str], chance: dict[str, float]) 
 
 def fisher_note(methods: list[str], config: dict) -> str | None:
     """Which Fisher estimator made the Fisher Merging row (None without that row)."""
-    from pipeline.merging.fisher_merging import ESTIMATORS
+    from pipeline.merging.fisher_merging import ESTIMATORS, Settings
 
     if "fisher_merging" not in methods:
         return None
-    settings = config["merging"]["fisher_merging"]
+    settings = {**dataclasses.asdict(Settings()), **config.get("merging", {}).get("fisher_merging", {})}
     return (f"Fisher Merging: {ESTIMATORS[settings['estimator']]}, on {settings['examples']} training examples per "
             f"task (merging.fisher_merging.estimator: {settings['estimator']}).")
 
@@ -257,7 +258,7 @@ def write_report(eval_files: list[str], config: dict, benchmarks: list[str], zoo
                          f"{html.escape(text)}</li>" for text, ok in checks)
         sections_html.append(f"<h2>Zoo quality</h2><ul>{items}</ul>")
     if analysis:
-        md, htm = analysis_sections(analysis, markdown.parent, row_runs)
+        md, htm = analysis_sections(analysis, markdown.parent, row_runs, main)
         sections_md += md
         sections_html += htm
     sections_md += ["## Stage timings", "", timings.round(1).to_markdown() if len(timings) else "(none)", ""]
@@ -326,7 +327,8 @@ def _label(name: str) -> str:
     return label(name)
 
 
-def analysis_sections(files: dict[str, str], md_dir: Path, runs: Runs | None = None) -> tuple[list[str], list[str]]:
+def analysis_sections(files: dict[str, str], md_dir: Path, runs: Runs | None = None,
+                      main: pd.DataFrame | None = None) -> tuple[list[str], list[str]]:
     """Markdown and HTML of every analysis whose outputs are in ``files`` (names as in
     workflow/rules/analysis.smk: sensitivity, coefficients, distances, spearman, robustness,
     unseen, pem, each with a ``*_png`` figure); a row of a method ran otherwise than the main

@@ -191,7 +191,7 @@ def test_report_states_the_test_time_methods(tmp_path):
     main = pd.DataFrame({"Avg.": [70.0, 75.5, 80.0]}, index=["adamerging_layer_wise", "surgery", "wemoe"])
     files = {"surgery_summary": str(tmp_path / "surgery.json"), "wemoe_summary": str(tmp_path / "wemoe.json"),
              "wemoe_routing": str(tmp_path / "routing.parquet"), "wemoe_routing_png": str(tmp_path / "routing.png")}
-    md, htm = analysis_sections(files, tmp_path, main)
+    md, htm = analysis_sections(files, tmp_path, main=main)
     md = "\n".join(md)
     assert "Test-time successors of AdaMerging" in md
     surgery_row = next(line for line in md.splitlines() if line.startswith("| Representation Surgery"))

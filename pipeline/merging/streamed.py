@@ -158,7 +158,7 @@ class RoutedMerge:
             if current["carry"].shape[1]:
                 current["packed"].append(pack_bits(current["carry"]))
             packed = torch.cat(current["packed"], 1)
-            for row, task in zip(packed, tasks):
+            for row, task in zip(packed, tasks, strict=True):
                 writer.write(f"mask.{task}.{current['key']}", row)
 
         def sink(key: str, span: slice, out: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -1,8 +1,14 @@
 """TIES-Merging against a plain dense torch implementation (tests/helpers/merging.py)."""
+import math
+
 import pytest
 import torch
 from helpers.merging import TASKS, assert_state_close, dense_ties, dense_tvs, make_store, merged, unflatten, vector
 from helpers.store import encoder_state
+
+from pipeline.merging import registry
+from pipeline.merging.contract import Inputs
+from pipeline.store.task_vectors import TaskVectorStore
 
 
 @pytest.mark.parametrize("merge", ["mean", "sum"])

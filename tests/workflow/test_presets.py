@@ -13,6 +13,8 @@ from helpers.config import load, refusal
 from helpers.workflow import REPO, snakemake
 from snakemake.utils import update_config
 
+from pipeline.merging import registry
+
 PRESETS = sorted(p.name for p in (REPO / "config/presets").glob("*.yaml"))
 CONFIGS = sorted(p.name for p in (REPO / "config").glob("*.yaml"))
 
@@ -64,15 +66,16 @@ def method_settings(commands: list[str]) -> dict[str, dict]:
 
 
 def test_a_fixed_lambda_merges_task_arithmetic_and_ties_like_the_other_store_methods(tmp_path):
+    searched = registry.names(searched=True)  # Task Arithmetic, TIES, DARE, consensus TA and TIES
     default = merge_commands(tmp_path)
-    assert set(method_settings(default["merge_task_vectors"])) == {"weight_averaging"}
-    assert len(default["lambda_search"]) == 2
+    assert set(method_settings(default["merge_task_vectors"])) == set(registry.names(registry.STORE, searched=False))
+    assert len(default["lambda_search"]) == len(searched)
     fixed = merge_commands(tmp_path, "config/presets/paper.yaml")
     settings = method_settings(fixed["merge_task_vectors"])
     assert settings["task_arithmetic"] == {"lam": 0.3}
     assert settings["ties_merging"] == {"k": 20, "merge": "sum", "lam": 0.3, "count_over": "official_encoder"}
     # the search still runs for the sensitivity analysis' validation curve, its model kept apart
-    assert len(fixed["lambda_search"]) == 2
+    assert len(fixed["lambda_search"]) == len(searched)
     assert all("results/micro/lambda_search/" in c and "/merges/" not in c for c in fixed["lambda_search"])
     no_curve = merge_commands(tmp_path, "config/presets/paper.yaml", analysis={"sensitivity": {"enabled": False}})
     assert "lambda_search" not in no_curve

@@ -24,10 +24,8 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pipeline.merging.contract import Inputs
 from pipeline.merging.streamed import StreamedMerge
 from pipeline.merging.tall_masks import Consensus
-from pipeline.merging.ties_merging import MERGES, Ties
+from pipeline.merging.ties_merging import Ties, check_trim_and_merge
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,7 @@ class Settings:
     def __post_init__(self):
         if self.agree < 0 or self.mask_lambda < 0:
             raise ValueError(f"consensus needs agree >= 0 and mask_lambda >= 0, got {self.agree}, {self.mask_lambda}")
-        if self.merge not in MERGES:
-            raise ValueError(f"consensus TIES merge must be one of {MERGES}, got {self.merge!r}")
-        if not 0 <= self.k <= 100:
-            raise ValueError(f"consensus TIES k must be a percentage in [0, 100], got {self.k}")
+        check_trim_and_merge(self.k, self.merge, "consensus TIES")
 
 
 def run(inputs: Inputs, settings: Settings = Settings()) -> StreamedMerge:

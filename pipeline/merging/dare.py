@@ -26,7 +26,7 @@ import torch
 
 from pipeline.merging.contract import Inputs
 from pipeline.merging.streamed import StreamedMerge
-from pipeline.merging.ties_merging import MERGES, Ties
+from pipeline.merging.ties_merging import Ties, check_trim_and_merge
 from pipeline.store.streaming import Block, Linear, Reader
 
 BASES = ("task_arithmetic", "ties")
@@ -147,10 +147,7 @@ class Settings:
             raise ValueError(f"DARE drop rate p must be in [0, 1), got {self.p}")
         if self.base not in BASES:
             raise ValueError(f"DARE base must be one of {BASES}, got {self.base!r}")
-        if self.merge not in MERGES:
-            raise ValueError(f"DARE merge (of base ties) must be one of {MERGES}, got {self.merge!r}")
-        if not 0 <= self.k <= 100:
-            raise ValueError(f"DARE k (of base ties) must be a percentage in [0, 100], got {self.k}")
+        check_trim_and_merge(self.k, self.merge, "DARE (base ties)")
 
 
 def run(inputs: Inputs, settings: Settings = Settings()) -> StreamedMerge:

@@ -102,6 +102,8 @@ class PerMatrix:
 
     def patches(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         return []
+
+
 ROUTED_FORMAT = "task-routed masks 1"  # the __metadata__ "format" of a RoutedMerge file
 _BITS = torch.arange(8, dtype=torch.uint8)  # bit j of byte b is entry 8 b + j
 

@@ -196,6 +196,15 @@ def _histogram_thresholds(reader: Reader, spans: list, tasks: list[int], top: in
     return out
 
 
+def check_trim_and_merge(k: float, merge: str, who: str) -> None:
+    """Refuse a TIES ``k`` outside [0, 100] or a ``merge`` other than MERGES, naming ``who``
+    (TIES-Merging, and the methods built on its reducer)."""
+    if merge not in MERGES:
+        raise ValueError(f"{who} merge must be one of {MERGES}, got {merge!r}")
+    if not 0 <= k <= 100:
+        raise ValueError(f"{who} k must be a percentage in [0, 100], got {k}")
+
+
 @dataclass(frozen=True)
 class Settings:
     """``k``: 20, the percentage of entries each task vector keeps (TIES paper, Sec. 5,
@@ -212,10 +221,7 @@ class Settings:
     count_over: str = "visual"
 
     def __post_init__(self):
-        if self.merge not in MERGES:
-            raise ValueError(f"TIES merge must be one of {MERGES}, got {self.merge!r}")
-        if not 0 <= self.k <= 100:
-            raise ValueError(f"TIES k must be a percentage in [0, 100], got {self.k}")
+        check_trim_and_merge(self.k, self.merge, "TIES")
         if self.count_over not in COUNTS:
             raise ValueError(f"TIES count_over must be one of {COUNTS}, got {self.count_over!r}")
 

@@ -98,18 +98,9 @@ rule analysis_coefficients:
         "--task-figure {output.task:q} --entropy-figure {output.entropy:q} > {log:q} 2>&1"
 
 
-DISTANCE_MODELS = (
-    {f"finetuned_{t}": f"{MODELS}/finetuned/{t}.safetensors" for t in TASKS}
-    | {
-        m: f"{RESULTS}/merges/{m}/model.safetensors"
-        for m in MERGE_METHODS
-        if registry.method(m).route is None  # a routed merge is no single encoder
-    }
-    | {
-        f"adamerging_{v}": f"{RESULTS}/adamerging/{v}/model.safetensors"
-        for v in ADAMERGING_VARIANTS
-    }
-)
+DISTANCE_MODELS = {
+    f"finetuned_{t}": f"{MODELS}/finetuned/{t}.safetensors" for t in TASKS
+} | MERGED_MODELS
 
 
 rule analysis_distances:

@@ -67,6 +67,16 @@ TEST_TIME_METHODS = [
     if config["merging"][m]["enabled"]
 ]  # Surgery, WEMoE: workflow/rules/test_time.smk
 NEGATED = TASKS if config["merging"]["task_negation"]["enabled"] else []
+# The merges that are one encoder each (a routed merge is one per task): the models of the
+# distance analysis and the bases Surgery may build on.
+MERGED_MODELS = {
+    m: f"{RESULTS}/merges/{m}/model.safetensors"
+    for m in MERGE_METHODS
+    if registry.method(m).route is None
+} | {
+    f"adamerging_{v}": f"{RESULTS}/adamerging/{v}/model.safetensors"
+    for v in ADAMERGING_VARIANTS
+}
 ENV = "../envs/pipeline.yaml"
 
 # Rules call `adamerge VERB ...`: a shell function running `python -m pipeline` with the
@@ -281,15 +291,12 @@ TEST_TIME_JOB_KEYS = ("enabled", "max_images", "gpus")
 
 def merged_model(method):
     """The merged model file of a single-merge registry method in this workflow."""
-    if method in MERGE_METHODS and registry.method(method).route is None:
-        return f"{RESULTS}/merges/{method}/model.safetensors"
-    if method in [f"adamerging_{v}" for v in ADAMERGING_VARIANTS]:
-        return f"{RESULTS}/adamerging/{registry.adamerging_variant(method)}/model.safetensors"
-    known = [m for m in MERGE_METHODS if registry.method(m).route is None]
-    raise ValueError(
-        f"config: merging.surgery.base {method!r} has no merged model in this workflow; choose one of "
-        f"{known + [f'adamerging_{v}' for v in ADAMERGING_VARIANTS]}"
-    )
+    if method not in MERGED_MODELS:
+        raise ValueError(
+            f"config: merging.surgery.base {method!r} has no merged model in this workflow; choose one of "
+            f"{list(MERGED_MODELS)}"
+        )
+    return MERGED_MODELS[method]
 
 
 def test_time_settings(method):

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -87,11 +87,30 @@ def plot(rows: pd.DataFrame, path: str) -> None:
     save_figure(fig, path)
 
 
+def main_table_rows(tasks: Sequence[str], individual: pd.DataFrame, addition: pd.DataFrame, addition_lam: float,
+                    negation: Mapping[str, pd.DataFrame], negation_lam: float, adamerging: pd.DataFrame) -> pd.DataFrame:
+    """The full fine-tuning rows from the main table's evaluations of the same compositions
+    (frames of ``adamerge evaluate``: task, accuracy; ``negation``: negated task -> its
+    merge's evaluation on every task), so that both tables show one number per method."""
+    def rows(frame: pd.DataFrame, method: str, role, lam) -> list[dict]:
+        acc = frame.set_index("task")["accuracy"]
+        return [{"update": "full", "method": method, "task": t, "role": role(t), "accuracy": float(acc[t]), "lam": lam}
+                for t in tasks]
+    out = rows(individual, "individual", lambda _: "target", 1.0)
+    out += rows(addition, "addition", lambda _: "all", addition_lam)
+    for negated in tasks:
+        out += rows(negation[negated], "negation", lambda t, n=negated: "target" if t == n else "control", negation_lam)
+    out += rows(adamerging, "adamerging", lambda _: "all", None)
+    return pd.DataFrame(out, columns=COLUMNS)
+
+
 def run(encoder: torch.nn.Module, pretrained: dict[str, torch.Tensor], tasks: Sequence[str],
         finetuned: Sequence[dict[str, torch.Tensor]], lora: Sequence[dict[str, torch.Tensor]],
         test: Sequence[tuple[str, torch.Tensor, object]], val: Sequence[object], lambdas: Sequence[float],
-        negation_lam: float, settings, max_images: int, batch_size: int) -> pd.DataFrame:
-    """The composition table for full fine-tuning (``finetuned`` state dicts) and LoRA
+        negation_lam: float, settings, max_images: int, batch_size: int,
+        full_rows: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The composition table for full fine-tuning (``finetuned`` state dicts; or, given,
+    ``full_rows`` from :func:`main_table_rows`, and ``finetuned`` is not read) and LoRA
     (``lora`` factors) on ``tasks`` (``test``: task, head, test split; ``val``: validation
     splits; ``pretrained``: a copy of ``encoder``'s weights; ``settings``: AdaMerging's)."""
     from pipeline.analysis.robustness import adaptation_images
@@ -99,12 +118,11 @@ def run(encoder: torch.nn.Module, pretrained: dict[str, torch.Tensor], tasks: Se
 
     sd = pretrained
     images = adaptation_images([d for _, _, d in test], max_images, settings.seed)
-    updates = {
-        "full": [{k: (v.float() - sd[k].float()) for k, v in state.items() if sd[k].is_floating_point()}
-                 for state in finetuned],
-        "lora": [as_task_vector(sd, factors) for factors in lora],
-    }
-    rows = []
+    updates = {"lora": [as_task_vector(sd, factors) for factors in lora]}
+    if full_rows is None:
+        updates = {"full": [{k: (v.float() - sd[k].float()) for k, v in state.items() if sd[k].is_floating_point()}
+                            for state in finetuned]} | updates
+    rows = [] if full_rows is None else full_rows.to_dict("records")
     for update, vectors in updates.items():
         rows += compose(update, encoder, sd, vectors, tasks, [h for _, h, _ in test], list(val),
                         [d for _, _, d in test], lambdas, negation_lam, settings, images, batch_size)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pandas as pd
+
 from pipeline.analysis import pem
 from pipeline.analysis.common import write_parquet
 from pipeline.commands.loading import finetuned_models, task_splits
@@ -11,17 +16,30 @@ from pipeline.models.checkpoints import load_safetensors
 from pipeline.zoo.store import load_clip
 
 
-def analysis_pem(zoo: dict, pretrained: str, tasks: list[str], finetuned: list[str], lora: list[str],
+def analysis_pem(zoo: dict, pretrained: str, tasks: list[str], lora: list[str],
                  heads: list[str], grid: dict, out: str, figure: str, data: list[str] = (),
                  negation_lam: float = -1.0, adamerging: dict = {}, max_images: int = 0,  # noqa: B006
-                 batch_size: int = 512) -> None:
-    """Addition, negation and AdaMerging of LoRA factors (``lora``) against full fine-tuning."""
+                 batch_size: int = 512, finetuned: list[str] = (), main_individual: list[str] = (),
+                 main_addition: str | None = None, main_addition_model: str | None = None,
+                 main_negation: list[str] = (), main_adamerging: str | None = None) -> None:
+    """Addition, negation and AdaMerging of LoRA factors (``lora``) against full fine-tuning.
+    With the ``main_*`` files (the main table's evaluations: individual per task, Task
+    Arithmetic and its merge's model.json, the negation of each task, task-wise AdaMerging,
+    all in ``tasks`` order) the full fine-tuning rows are those, not recomputed."""
     encoder = load_clip(zoo, pretrained).visual
     state = {k: v.clone() for k, v in encoder.state_dict().items()}  # not views of the encoder's weights
     test = task_splits(zoo, tasks, heads, data, "test")
     val = [d for _, _, d in task_splits(zoo, tasks, heads, data, "val")]
     settings = registry.method("adamerging_task_wise").configure(adamerging)
-    table = pem.run(encoder, state, tasks, list(finetuned_models(finetuned)), [load_safetensors(f) for f in lora],
-                    test, val, lambda_grid(**grid), negation_lam, settings, max_images, batch_size)
+    full_rows = None
+    if main_addition:
+        full_rows = pem.main_table_rows(
+            tasks, pd.concat([pd.read_parquet(f) for f in main_individual]), pd.read_parquet(main_addition),
+            json.loads(Path(main_addition_model).read_text())["settings"]["lam"],
+            {t: pd.read_parquet(f) for t, f in zip(tasks, main_negation, strict=True)}, negation_lam,
+            pd.read_parquet(main_adamerging))
+    table = pem.run(encoder, state, tasks, [] if full_rows is not None else list(finetuned_models(finetuned)),
+                    [load_safetensors(f) for f in lora], test, val, lambda_grid(**grid), negation_lam, settings,
+                    max_images, batch_size, full_rows)
     write_parquet(table, out)
     pem.plot(table, figure)

@@ -8,6 +8,7 @@ UNSEEN_TASKS = list(analysis_cfg("unseen")["tasks"] or TASKS[-2:])
 SEEN_TASKS = [t for t in TASKS if t not in UNSEEN_TASKS]
 UNSEEN_ALL = SEEN_TASKS + UNSEEN_TASKS
 UNSEEN_VARIANTS = analysis_cfg("unseen")["variants"]
+SENSITIVITY_METHODS = sensitivity_methods()
 
 
 rule analysis_sensitivity:
@@ -16,7 +17,7 @@ rule analysis_sensitivity:
         store=task_vectors(TASKS),
         heads=heads(TASKS),
         data=task_data(TASKS),
-        search=expand(f"{RESULTS}/lambda_search/{{m}}.parquet", m=SEARCH_METHODS),
+        search=expand(f"{RESULTS}/lambda_search/{{m}}.parquet", m=SENSITIVITY_METHODS),
         references=[
             f"{RESULTS}/eval/adamerging_{v}.parquet" for v in ADAMERGING_VARIANTS
         ]
@@ -43,10 +44,12 @@ rule analysis_sensitivity:
         budget=config["merging"]["budget_mib"],
         data=data_args(TASKS),
         zoo=zoo_json(),
-        settings=json.dumps({m: json.loads(merge_settings(m)) for m in SEARCH_METHODS}),
+        settings=json.dumps(
+            {m: json.loads(merge_settings(m)) for m in SENSITIVITY_METHODS}
+        ),
         test=["--test"] if analysis_cfg("sensitivity")["test"] else [],
         batch=config["evaluation"]["batch_size"],
-        code=code_version("analysis-sensitivity", *SEARCH_METHODS),
+        code=code_version("analysis-sensitivity", *SENSITIVITY_METHODS),
     shell:
         "adamerge analysis-sensitivity --budget-mib {params.budget:q} --zoo {params.zoo:q} --pretrained {input.pretrained:q} "
         "--task-vectors {input.store:q} --heads {input.heads:q} --data {params.data:q} --search {input.search:q} "
@@ -356,10 +359,15 @@ if SYNTHETIC:
             "--pretrained {input.pretrained:q} --head {input.head:q} --data {input.data:q} "
             "--settings {params.settings:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
+    PEM_MAIN = (
+        pem_main_files()
+    )  # full fine-tuning rows from the main table, if it ran them
+
     rule analysis_pem:
         input:
+            **PEM_MAIN,
             pretrained=f"{MODELS}/pretrained.safetensors",
-            finetuned=finetuned(TASKS),
+            finetuned=[] if PEM_MAIN else finetuned(TASKS),
             lora=expand(f"{MODELS}/lora/{{t}}.safetensors", t=TASKS),
             heads=heads(TASKS),
             data=task_data(TASKS, "test", "val"),
@@ -388,10 +396,12 @@ if SYNTHETIC:
             adamerging=adamerging_settings("pem"),
             max_images=analysis_max_images("pem"),
             batch=config["evaluation"]["batch_size"],
+            finetuned=[] if PEM_MAIN else ["--finetuned", *finetuned(TASKS)],
+            main=option_args(PEM_MAIN),
             code=code_version("analysis-pem"),
         shell:
             "adamerge analysis-pem --zoo {params.zoo:q} --pretrained {input.pretrained:q} "
-            "--tasks {params.tasks:q} --finetuned {input.finetuned:q} --lora {input.lora:q} "
+            "--tasks {params.tasks:q} {params.finetuned:q} {params.main:q} --lora {input.lora:q} "
             "--heads {input.heads:q} --data {params.data:q} --grid {params.grid:q} "
             "--negation-lam {params.negation:q} --adamerging {params.adamerging:q} "
             "--max-images {params.max_images:q} --batch-size {params.batch:q} "

@@ -334,6 +334,20 @@ def analysis_on(name):
     return analysis_cfg(name)["enabled"]
 
 
+def sensitivity_methods():
+    """analysis.sensitivity.methods (null: every searched method), each a searched method."""
+    listed = analysis_cfg("sensitivity")["methods"]
+    if listed is None:
+        return SEARCH_METHODS
+    unknown = [m for m in listed if m not in SEARCH_METHODS]
+    if unknown or not listed:
+        raise ValueError(
+            f"analysis.sensitivity.methods: {unknown or listed} must be a non-empty list of methods "
+            f"whose lambda is searched {SEARCH_METHODS} (or null for all of them)"
+        )
+    return list(listed)
+
+
 def adamerging_settings(section):
     """merging.adamerging without the job keys, updated by the analysis section's own."""
     base = {k: v for k, v in ADAMERGING.items() if k not in ADAMERGING_JOB_KEYS}
@@ -395,6 +409,43 @@ def analysis_files():
     if analysis_on("unseen") and SEEN_TASKS:
         out |= {"unseen": f"{AN}/unseen.parquet", "unseen_png": f"{AN}/unseen.png"}
     return out
+
+
+def pem_main_files():
+    """The main table's evaluations the PEM analysis takes its full fine-tuning rows from,
+    when the main table ran the same compositions (task negation on, lambda searched, task-wise
+    AdaMerging with the PEM section's settings and images); else {} and it recomputes them.
+    """
+    same_adamerging = (
+        json.loads(adamerging_settings("pem"))
+        == {k: v for k, v in ADAMERGING.items() if k not in ADAMERGING_JOB_KEYS}
+        and analysis_max_images("pem") == ADAMERGING["max_images"]
+    )
+    if not (
+        NEGATED
+        and not FIXED_LAMBDA
+        and "task_wise" in ADAMERGING_VARIANTS
+        and same_adamerging
+    ):
+        return {}
+    return {
+        "main_individual": [f"{RESULTS}/eval/individual/{t}.parquet" for t in TASKS],
+        "main_addition": f"{RESULTS}/eval/task_arithmetic.parquet",
+        "main_addition_model": merged_model("task_arithmetic").replace(
+            "model.safetensors", "model.json"
+        ),
+        "main_negation": [f"{RESULTS}/eval/task_negation/{t}.parquet" for t in TASKS],
+        "main_adamerging": f"{RESULTS}/eval/adamerging_task_wise.parquet",
+    }
+
+
+def option_args(options):
+    """Command-line options from {name: file or files}: --name-with-dashes file..."""
+    args = []
+    for name, files in options.items():
+        args.append(f"--{name.replace('_', '-')}")
+        args.extend(files if isinstance(files, list) else [files])
+    return args
 
 
 def report_runs():

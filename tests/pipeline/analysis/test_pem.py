@@ -36,3 +36,22 @@ def test_full_update_adamerging_row_is_the_main_tables_task_wise_adamerging():
     encoder.load_state_dict(merged)
     main = {t: accuracy(encoder, h, d, 64)["accuracy"] for t, h, d in zip(tasks, heads, test)}
     assert composed == main
+
+
+def test_full_rows_from_the_main_table_are_used_as_given_and_not_recomputed():
+    """With the main table's evaluations, the full fine-tuning rows are those numbers (roles
+    and lambdas as the composition writes them) and no full fine-tuning model is built."""
+    import pandas as pd
+
+    tasks = ["a", "b"]
+    frame = lambda acc: pd.DataFrame({"task": tasks, "accuracy": acc})  # noqa: E731
+    rows = pem.main_table_rows(tasks, pd.DataFrame({"task": ["b", "a"], "accuracy": [91.0, 90.0]}),
+                               frame([70.0, 60.0]), 0.3, {"a": frame([10.0, 80.0]), "b": frame([75.0, 20.0])},
+                               -1.0, frame([72.0, 66.0]))
+    table = pem.summary(rows)
+    assert table.loc["Individual", "Full fine-tuning"] == 90.5
+    assert table.loc["Addition (Task Arithmetic)", "Full fine-tuning"] == 65.0
+    assert table.loc["Negation (negated task)", "Full fine-tuning"] == 15.0
+    assert table.loc["Negation (other tasks)", "Full fine-tuning"] == 77.5
+    assert set(rows.loc[rows["method"] == "addition", "lam"]) == {0.3}
+    assert set(rows["update"]) == {"full"} and list(rows.columns) == pem.COLUMNS

@@ -33,7 +33,7 @@ import torch
 
 from pipeline.merging.contract import Inputs
 from pipeline.merging.streamed import PerMatrix, StreamedMerge
-from pipeline.merging.tsv_merging import polar
+from pipeline.merging.tsv_merging import polar, svd
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class IsoCTSSettings:
 
 def iso_c(tvs: torch.Tensor) -> torch.Tensor:
     """mean(S) U V^T of the sum of K task matrices ``tvs`` (K, m, n) = U S V^T."""
-    u, s, vh = torch.linalg.svd(tvs.sum(0), full_matrices=False)
+    u, s, vh = svd(tvs.sum(0))
     return s.mean() * (u @ vh)
 
 
@@ -79,9 +79,9 @@ def subspaces(tvs: torch.Tensor, fraction: float) -> tuple[torch.Tensor, ...]:
     task's top s directions once the common subspace is projected out."""
     k, m, n = tvs.shape
     common, per_task = subspace_sizes(min(m, n), k, fraction)
-    u, s, vh = torch.linalg.svd(tvs.sum(0), full_matrices=False)
+    u, s, vh = svd(tvs.sum(0))
     uc, sc, vhc = u[:, :common], s[:common], vh[:common]
-    ut, st, vht = torch.linalg.svd(tvs - uc @ (uc.T @ tvs), full_matrices=False)
+    ut, st, vht = svd(tvs - uc @ (uc.T @ tvs))
     return (uc, sc, vhc, ut[:, :, :per_task].transpose(0, 1).reshape(m, k * per_task),
             st[:, :per_task].reshape(-1), vht[:, :per_task, :].reshape(k * per_task, n))
 

@@ -48,10 +48,21 @@ class Settings:
     alpha: float = 1.0
 
 
+def svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of ``x`` (batched as torch.linalg.svd). LAPACK's gesdd (torch's CPU driver)
+    can fail to converge on matrices with many repeated singular values, such as a task
+    matrix with the common subspace projected out (Iso-CTS on ViT-B/32): then the SVD is taken
+    in float64 and cast back."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        return tuple(t.to(x.dtype) for t in torch.linalg.svd(x.double(), full_matrices=False))
+
+
 def polar(x: torch.Tensor) -> torch.Tensor:
     """The polar factor P Q^T of ``x`` = P Sigma Q^T: the matrix with orthonormal columns (or
     rows, for a wide ``x``) nearest to ``x`` in Frobenius norm (orthogonal Procrustes)."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    p, _, qh = svd(x)
     return p @ qh
 
 
@@ -60,7 +71,7 @@ def bases(tvs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     task's top r = min(m, n) // K singular triplets, tasks in order, the bases decorrelated."""
     k, m, n = tvs.shape
     r = min(m, n) // k
-    u, s, vh = torch.linalg.svd(tvs, full_matrices=False)  # (K, m, p), (K, p), (K, p, n)
+    u, s, vh = svd(tvs)  # (K, m, p), (K, p), (K, p, n)
     u_cat = u[:, :, :r].transpose(0, 1).reshape(m, k * r)
     vh_cat = vh[:, :r, :].reshape(k * r, n)
     return polar(u_cat), s[:, :r].reshape(k * r), polar(vh_cat)

@@ -74,3 +74,24 @@ def test_streamed_file_equals_the_method_in_memory(zoo, tmp_path, caplog, alpha)
         expected = (pre[key].float() + alpha * update).to(pre[key].dtype)
         assert torch.equal(written[key], expected) and torch.equal(in_memory[key], expected), key
     assert torch.equal(written["ids"], pre["ids"])
+
+
+def test_svd_falls_back_to_float64_when_lapack_does_not_converge(monkeypatch):
+    """gesdd's convergence failure (seen on Iso-CTS's projected ViT-B/32 matrices) is retried in
+    float64: the factors come back in the input's dtype and reconstruct it."""
+    import torch
+
+    from pipeline.merging import tsv_merging
+
+    real = torch.linalg.svd
+
+    def gesdd_fails_on_float32(x, full_matrices=True):
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(x, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", gesdd_fails_on_float32)
+    x = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0))
+    u, s, vh = tsv_merging.svd(x)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32 and u.shape == (2, 6, 4)
+    assert torch.allclose(u @ torch.diag_embed(s) @ vh, x, atol=1e-5)

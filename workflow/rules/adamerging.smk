@@ -35,10 +35,7 @@ rule adamerging:
         data=data_args(TASKS),
         zoo=zoo_json(),
         tasks=TASKS,
-        settings=json.dumps(
-            {k: v for k, v in ADAMERGING.items() if k not in ADAMERGING_JOB_KEYS},
-            sort_keys=True,
-        ),
+        settings=json.dumps(adamerging_method_settings(), sort_keys=True),
         max_images=ADAMERGING["max_images"],
         code=lambda wc: code_version("adamerge", f"adamerging_{wc.variant}"),
     shell:

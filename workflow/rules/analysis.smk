@@ -359,15 +359,14 @@ if SYNTHETIC:
             "--pretrained {input.pretrained:q} --head {input.head:q} --data {input.data:q} "
             "--settings {params.settings:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
-    PEM_MAIN = (
-        pem_main_files()
-    )  # full fine-tuning rows from the main table, if it ran them
+    # the full fine-tuning rows: the main table's evaluations if it ran the same compositions,
+    # else computed from the fine-tuned models
+    PEM_FULL = pem_main_files() or {"finetuned": finetuned(TASKS)}
 
     rule analysis_pem:
         input:
-            **PEM_MAIN,
+            **PEM_FULL,
             pretrained=f"{MODELS}/pretrained.safetensors",
-            finetuned=[] if PEM_MAIN else finetuned(TASKS),
             lora=expand(f"{MODELS}/lora/{{t}}.safetensors", t=TASKS),
             heads=heads(TASKS),
             data=task_data(TASKS, "test", "val"),
@@ -396,12 +395,11 @@ if SYNTHETIC:
             adamerging=adamerging_settings("pem"),
             max_images=analysis_max_images("pem"),
             batch=config["evaluation"]["batch_size"],
-            finetuned=[] if PEM_MAIN else ["--finetuned", *finetuned(TASKS)],
-            main=option_args(PEM_MAIN),
+            full=option_args(PEM_FULL),
             code=code_version("analysis-pem"),
         shell:
             "adamerge analysis-pem --zoo {params.zoo:q} --pretrained {input.pretrained:q} "
-            "--tasks {params.tasks:q} {params.finetuned:q} {params.main:q} --lora {input.lora:q} "
+            "--tasks {params.tasks:q} {params.full:q} --lora {input.lora:q} "
             "--heads {input.heads:q} --data {params.data:q} --grid {params.grid:q} "
             "--negation-lam {params.negation:q} --adamerging {params.adamerging:q} "
             "--max-images {params.max_images:q} --batch-size {params.batch:q} "

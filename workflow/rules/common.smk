@@ -348,10 +348,17 @@ def sensitivity_methods():
     return list(listed)
 
 
+def adamerging_method_settings():
+    """merging.adamerging without the job keys: AdaMerging's Settings fields."""
+    return {k: v for k, v in ADAMERGING.items() if k not in ADAMERGING_JOB_KEYS}
+
+
 def adamerging_settings(section):
     """merging.adamerging without the job keys, updated by the analysis section's own."""
-    base = {k: v for k, v in ADAMERGING.items() if k not in ADAMERGING_JOB_KEYS}
-    return json.dumps(base | analysis_cfg(section)["adamerging"], sort_keys=True)
+    return json.dumps(
+        adamerging_method_settings() | analysis_cfg(section)["adamerging"],
+        sort_keys=True,
+    )
 
 
 def analysis_max_images(section):
@@ -417,8 +424,7 @@ def pem_main_files():
     AdaMerging with the PEM section's settings and images); else {} and it recomputes them.
     """
     same_adamerging = (
-        json.loads(adamerging_settings("pem"))
-        == {k: v for k, v in ADAMERGING.items() if k not in ADAMERGING_JOB_KEYS}
+        json.loads(adamerging_settings("pem")) == adamerging_method_settings()
         and analysis_max_images("pem") == ADAMERGING["max_images"]
     )
     if not (

@@ -224,6 +224,11 @@ def write_report(eval_files: list[str], config: dict, benchmarks: list[str], zoo
     paper = paper_claims(main, analysis or {})
     claims_note = (f"{claims.summary(paper)}: the claims of {registry.ADAMERGING} (its numbers for ViT-B/32 on 8 "
                    "tasks), each computed from this run's outputs.")
+    if fails := claims.failing(paper):
+        claims_note += f" Not reproduced in this run: {'; '.join(fails)}."
+        if zoo.get("source") == "synthetic":
+            claims_note += (" The synthetic zoo is a smoke test, not the paper's data: docs/synthetic-zoo.md lists "
+                            "the zoo variants tried to make more of these claims hold, with their counts.")
     settings_note = row_runs.main_note(list(main.index))
     sections_md = [f"# Adaptive model merging report: zoo `{zoo['name']}`", "",
                    f"Architecture `{zoo['arch']}`, {len(tasks)} tasks merged, seed {zoo.get('seed', 0)}.", "",

@@ -179,3 +179,8 @@ def summary(table: pd.DataFrame) -> str:
     missing = len(table) - len(measured)
     return (f"{int((measured['verdict'] == HOLDS).sum())} of {len(measured)} claims hold"
             + (f" ({missing} not measured)" if missing else ""))
+
+
+def failing(table: pd.DataFrame) -> list[str]:
+    """The claims that do not hold, in the table's order."""
+    return table.loc[table["verdict"] == FAILS, "claim"].tolist()

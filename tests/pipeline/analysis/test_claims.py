@@ -31,6 +31,8 @@ def test_table1_ordering_follows_the_averages_given():
     table = claims.claims_table(demo, {})
     row = table[table["claim"] == "Fisher Merging above Weight Averaging"].iloc[0]
     assert row["paper"] == "68.3 > 65.8 (Table 1)" and row["here"] == "40.0 vs 65.8"
+    assert "Fisher Merging above Weight Averaging" in claims.failing(table)
+    assert "Layer-wise AdaMerging > Task-wise AdaMerging" not in claims.failing(table)
 
 
 def test_rows_missing_here_chain_to_the_next_row_present():

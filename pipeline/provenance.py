@@ -33,33 +33,29 @@ def module_file(root: Path, module: str) -> Path | None:
     return None
 
 
-def _import_names(package: str, source: str, filename: str) -> list[str]:
-    """Every module name the ``source`` of a module in ``package`` imports, anywhere in its code."""
-    names: list[str] = []
-    for node in ast.walk(ast.parse(source, filename)):
-        if isinstance(node, ast.Import):
-            names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
-            else:
-                base = node.module or ""
-            names += [base] + [f"{base}.{alias.name}" for alias in node.names]  # a name may be a submodule
-    return names
-
-
 @functools.cache
 def _imported(root: Path, module: str, path: Path, source: str) -> frozenset[str]:
     """Project modules that ``module`` (``source``, read from ``path``) imports anywhere in its
     code. Cached by source: the Snakefile asks for about 40 closures that share most modules."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    for name in _import_names(package, source, str(path)):
-        parts = name.split(".")
-        for i in range(1, len(parts) + 1):  # importing a.b.c runs a and a.b too
-            if module_file(root, ".".join(parts[:i])):
-                found.add(".".join(parts[:i]))
+    for node in ast.walk(ast.parse(source, str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]  # a name may be a submodule
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # importing a.b.c runs a and a.b too
+                if module_file(root, ".".join(parts[:i])):
+                    found.add(".".join(parts[:i]))
     return frozenset(found)
 
 

@@ -29,6 +29,11 @@ include: "workflow/rules/analysis.smk"
 include: "workflow/rules/report.smk"
 
 
+# Local runs fork their jobs from one warm process (pipeline/job_server.py).
+onstart:
+    start_job_server()
+
+
 rule all:
     default_target: True
     input:

@@ -20,6 +20,8 @@ import inspect
 import json
 import logging
 import os
+import re
+import resource
 import sys
 import typing
 from collections.abc import Callable
@@ -52,6 +54,7 @@ COMMANDS = {
     "analysis-unseen": "analysis_unseen",
     "analysis-unseen-table": "analysis_unseen",
     "analysis-pem": "analysis_pem",
+    "job-server": "job_server",
 }
 
 
@@ -113,7 +116,26 @@ def build_parser(verbs: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``adamerge VERB ...``: in the workflow's job server when one is running
+    (:mod:`pipeline.job_server`), else in this process."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    # open_clip imports these whenever they are installed (Hugging Face text towers, timm
+    # vision towers: about 1.5 s of every job's start-up), and the supported architectures
+    # use neither. PIPELINE_IMPORT_TRANSFORMERS=1 keeps the imports for one that does.
+    if os.environ.get("PIPELINE_IMPORT_TRANSFORMERS") != "1":
+        for name in ("transformers", "timm"):
+            sys.modules.setdefault(name, None)
+    if argv[:1] != ["job-server"]:
+        from pipeline import job_server
+
+        code = job_server.delegate(argv)
+        if code is not None:
+            sys.exit(code)
+    run(argv)
+
+
+def run(argv: list[str]) -> None:
+    """Parse ``argv`` and run its verb here; its CPU time and peak memory go to the log."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = vars(build_parser([argv[0]] if argv and argv[0] in COMMANDS else None).parse_args(argv))
     import torch
@@ -121,4 +143,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, args.pop("threads")))
     fn = args.pop("_fn")
     args.pop("verb")
-    fn(**args)
+    try:
+        fn(**args)
+    finally:
+        log_usage()
+
+
+USAGE = "job usage: cpu {cpu:.1f} s, peak RSS {rss_mb:.0f} MB"
+USAGE_LINE = re.compile(r"job usage: cpu ([\d.]+) s, peak RSS ([\d.]+) MB")
+
+
+def log_usage() -> None:
+    """Log this process's CPU time and peak resident memory (its children's included), exact
+    where Snakemake's benchmark samples every 30 s; the report reads the line
+    (:func:`pipeline.report.logged_usage`)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    logging.getLogger(__name__).info(USAGE.format(cpu=cpu, rss_mb=max(own.ru_maxrss, children.ru_maxrss) / 1024))

@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 
 from pipeline.analysis import claims
+from pipeline.cli import USAGE_LINE
 from pipeline.merging import registry
 
 MODEL_ORDER = ["zeroshot", "individual", *registry.table_rows()]
@@ -59,19 +60,35 @@ def accuracy_table(evals: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     return table.loc[order]
 
 
-def stage_timings(benchmarks: list[str]) -> pd.DataFrame:
-    """Wall time and peak memory per stage from Snakemake's benchmark files."""
+def stage_timings(benchmarks: list[str], log_dir: Path | None = None) -> pd.DataFrame:
+    """Wall time and peak memory per stage from Snakemake's benchmark files; the peak memory
+    from each job's own usage line (:func:`logged_usage`) where its log under ``log_dir``
+    (``{log_dir}/{stage}/{job}.log`` beside ``{stage}/{job}.tsv``) has one: exact where the
+    benchmark samples every 30 s, and the job's own where it ran in the job server."""
     rows = []
     for path in benchmarks:
         b = pd.read_csv(path, sep="\t")
-        stage = Path(path).parent.name
-        rows.append({"stage": stage, "job": Path(path).stem, "seconds": float(b["s"].iloc[0]),
-                     "max_rss_mb": float(b["max_rss"].iloc[0]) if "max_rss" in b else float("nan")})
+        stage, job = Path(path).parent.name, Path(path).stem
+        usage = logged_usage(log_dir / stage / f"{job}.log") if log_dir is not None else None
+        rss = usage["rss_mb"] if usage else float(b["max_rss"].iloc[0]) if "max_rss" in b else float("nan")
+        rows.append({"stage": stage, "job": job, "seconds": float(b["s"].iloc[0]), "max_rss_mb": rss})
     if not rows:
         return pd.DataFrame(columns=["stage", "jobs", "seconds", "max_rss_mb"])
     df = pd.DataFrame(rows)
     return df.groupby("stage").agg(jobs=("job", "count"), seconds=("seconds", "sum"),
                                    max_rss_mb=("max_rss_mb", "max")).reset_index().astype({"jobs": str})
+
+
+def logged_usage(log: Path) -> dict[str, float] | None:
+    """The CPU seconds and peak RSS (MB) of the last usage line of a job's log
+    (:func:`pipeline.cli.log_usage`), None without a log or line."""
+    if not log.is_file():
+        return None
+    with log.open("rb") as f:
+        f.seek(max(0, log.stat().st_size - 4096))
+        tail = f.read().decode(errors="replace")
+    found = USAGE_LINE.findall(tail)
+    return {"cpu_s": float(found[-1][0]), "rss_mb": float(found[-1][1])} if found else None
 
 
 def zoo_checks(table: pd.DataFrame, tasks: list[str], chance: dict[str, float]) -> list[tuple[str, bool]]:
@@ -204,7 +221,8 @@ def paper_claims(main: pd.DataFrame, files: Mapping[str, str]) -> pd.DataFrame:
 
 def write_report(eval_files: list[str], config: dict, benchmarks: list[str], zoo: dict,
                  markdown: Path, html_path: Path, table_path: Path, analysis: dict[str, str] | None = None,
-                 merges: list[str] = (), runs: Mapping[str, Mapping] | None = None) -> None:
+                 merges: list[str] = (), runs: Mapping[str, Mapping] | None = None,
+                 log_dir: Path | None = None) -> None:
     """Write the markdown and HTML report and the accuracy table (parquet); ``analysis``
     maps the names of :func:`analysis_sections` to the analysis outputs, ``merges`` lists the
     main table's merge records (model.json) and ``runs`` what each table's rows ran with
@@ -218,7 +236,7 @@ def write_report(eval_files: list[str], config: dict, benchmarks: list[str], zoo
     main.reset_index().to_parquet(table_path, index=False)
     chance = {t: 100.0 / n for t, n in _class_counts(zoo, tasks + heldout).items()}
     checks = zoo_checks(main, tasks, chance)
-    timings = stage_timings(benchmarks).set_index("stage")
+    timings = stage_timings(benchmarks, log_dir).set_index("stage")
     config_text = yaml.safe_dump(config, sort_keys=False)
     versions = {p: _version(p) for p in PACKAGES}
     paper = paper_claims(main, analysis or {})
@@ -267,9 +285,10 @@ def write_report(eval_files: list[str], config: dict, benchmarks: list[str], zoo
         sections_md += md
         sections_html += htm
     sections_md += ["## Stage timings", "", timings.round(1).to_markdown() if len(timings) else "(none)", ""]
-    sections_html.append("<h2>Stage timings</h2>" + (_html_table(timings, "Wall time (s, summed over jobs) and peak "
-                                                                 "memory (MB) per stage, from Snakemake's benchmark files.")
-                                                     if len(timings) else "<p>(none)</p>"))
+    timings_caption = ("Wall time (s, summed over jobs) from Snakemake's benchmark files and peak memory (MB) per "
+                       "stage from each job's own usage line (else the benchmark's value, sampled every 30 s).")
+    sections_html.append("<h2>Stage timings</h2>" + (_html_table(timings, timings_caption) if len(timings)
+                                                     else "<p>(none)</p>"))
     env = f"Python {platform.python_version()}, " + ", ".join(f"{k} {v}" for k, v in versions.items())
     sections_md += ["## Software", "", env, "", "## Configuration", "", "```yaml", config_text.strip(), "```", ""]
     sections_html += [f"<h2>Software</h2><p>{html.escape(env)}</p>",

@@ -201,3 +201,27 @@ def test_report_states_the_test_time_methods(tmp_path):
     assert "Layer-wise AdaMerging" in surgery_row and "4,096" in surgery_row and "5.5" in surgery_row
     assert "123,456" in md and "0.600" in md and "0.200" in md
     assert "\n".join(htm).count("data:image/png;base64,") == 1
+
+
+def test_stage_memory_comes_from_the_jobs_usage_lines(tmp_path):
+    """A job's own usage line (exact, and the only true figure for a job the job server ran)
+    replaces the benchmark's sampled max_rss; a job without one keeps the benchmark's."""
+    from pipeline.cli import USAGE
+    from pipeline.report import logged_usage, stage_timings
+
+    bench, logs = tmp_path / "benchmarks", tmp_path / "logs"
+    for stage, job, rss, line in [("finetune", "a", 20.0, USAGE.format(cpu=3.0, rss_mb=900)),
+                                  ("finetune", "b", 30.0, None), ("merge", "m", 1500.0, None)]:
+        (bench / stage).mkdir(parents=True, exist_ok=True)
+        (bench / stage / f"{job}.tsv").write_text(f"s\tmax_rss\n12.5\t{rss}\n")
+        if line:
+            (logs / stage).mkdir(parents=True, exist_ok=True)
+            (logs / stage / f"{job}.log").write_text("x" * 10000 + f"\n2026-12-03 INFO {USAGE.format(cpu=1, rss_mb=5)}"
+                                                     f"\n2026-12-03 INFO {line}\n")
+    assert logged_usage(logs / "finetune/a.log") == {"cpu_s": 3.0, "rss_mb": 900.0}
+    assert logged_usage(logs / "finetune/b.log") is None
+    files = sorted(str(p) for p in bench.glob("*/*.tsv"))
+    table = stage_timings(files, logs).set_index("stage")
+    assert table.loc["finetune", "max_rss_mb"] == 900 and table.loc["merge", "max_rss_mb"] == 1500
+    assert table.loc["finetune", "seconds"] == 25.0
+    assert stage_timings(files).set_index("stage").loc["finetune", "max_rss_mb"] == 30

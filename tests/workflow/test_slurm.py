@@ -115,6 +115,6 @@ def test_tiny_workflow_runs_through_sbatch(tmp_path: Path, partition: str):
     states = dict(line.split() for line in states if line.strip())
     assert states == {slurm_id: "COMPLETED" for slurm_id, _ in submitted.values()}
     # the rules' own logs came back through the shared filesystem
-    assert (work / f"logs/{ZOO}/pretrain.log").exists()
+    assert (work / f"logs/{ZOO}/pretrain/pretrain.log").exists()
     print(f"\nSLURM tiny workflow: {len(submitted)} sbatch jobs in {seconds:.0f} s "
           f"(slurm job ids {ids})")

@@ -28,7 +28,7 @@ if SOURCE == "synthetic":
             model=f"{MODELS}/pretrained.safetensors",
             tokenizer=f"{MODELS}/tokenizer.json",
         log:
-            f"{LOGS}/pretrain.log",
+            f"{LOGS}/pretrain/pretrain.log",
         benchmark:
             f"{BENCH}/pretrain/pretrain.tsv"
         conda:
@@ -136,7 +136,7 @@ else:
             model=f"{MODELS}/pretrained.safetensors",
             config=f"{MODELS}/model_config.json",
         log:
-            f"{LOGS}/import_pretrained.log",
+            f"{LOGS}/import_pretrained/import_pretrained.log",
         benchmark:
             f"{BENCH}/import_pretrained/import_pretrained.tsv"
         conda:

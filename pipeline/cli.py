@@ -53,6 +53,7 @@ COMMANDS = {
     "analysis-robustness-table": "analysis_robustness",
     "analysis-unseen": "analysis_unseen",
     "analysis-unseen-table": "analysis_unseen",
+    "analysis-pem-lora": "analysis_pem",
     "analysis-pem": "analysis_pem",
     "job-server": "job_server",
 }

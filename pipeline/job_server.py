@@ -112,7 +112,10 @@ def delegate(argv: Sequence[str]) -> int | None:
                                  "running it in this process\n")
             return None
         pid = reply["pid"]
-        forward: Callable = lambda signum, _frame: os.kill(pid, signum)  # noqa: E731
+
+        def forward(signum: int, _frame) -> None:  # Snakemake's kill of the job reaches its worker
+            os.kill(pid, signum)
+
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(signum, forward)
         reply, _ = _recv(sock)

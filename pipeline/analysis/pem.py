@@ -104,26 +104,24 @@ def main_table_rows(tasks: Sequence[str], individual: pd.DataFrame, addition: pd
     return pd.DataFrame(out, columns=COLUMNS)
 
 
-def run(encoder: torch.nn.Module, pretrained: dict[str, torch.Tensor], tasks: Sequence[str],
-        finetuned: Sequence[dict[str, torch.Tensor]], lora: Sequence[dict[str, torch.Tensor]],
-        test: Sequence[tuple[str, torch.Tensor, object]], val: Sequence[object], lambdas: Sequence[float],
-        negation_lam: float, settings, max_images: int, batch_size: int,
-        full_rows: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The composition table for full fine-tuning (``finetuned`` state dicts; or, given,
-    ``full_rows`` from :func:`main_table_rows`, and ``finetuned`` is not read) and LoRA
-    (``lora`` factors) on ``tasks`` (``test``: task, head, test split; ``val``: validation
-    splits; ``pretrained``: a copy of ``encoder``'s weights; ``settings``: AdaMerging's)."""
+def rows(update: str, encoder: torch.nn.Module, pretrained: dict[str, torch.Tensor], tasks: Sequence[str],
+         updates: Sequence[dict[str, torch.Tensor]], test: Sequence[tuple[str, torch.Tensor, object]],
+         val: Sequence[object], lambdas: Sequence[float], negation_lam: float, settings, max_images: int,
+         batch_size: int) -> pd.DataFrame:
+    """The composition rows of one kind of update on ``tasks``: ``update`` "full" (``updates``:
+    the fine-tuned state dicts) or "lora" (``updates``: the LoRA factors); ``test``: task, head,
+    test split; ``val``: validation splits; ``pretrained``: a copy of ``encoder``'s weights;
+    ``settings``: AdaMerging's, on ``max_images`` test images per task (0: all)."""
     from pipeline.analysis.robustness import adaptation_images
     from pipeline.zoo.lora import as_task_vector
 
     sd = pretrained
+    if update == "lora":
+        vectors = [as_task_vector(sd, factors) for factors in updates]
+    else:
+        vectors = [{k: (v.float() - sd[k].float()) for k, v in state.items() if sd[k].is_floating_point()}
+                   for state in updates]
     images = adaptation_images([d for _, _, d in test], max_images, settings.seed)
-    updates = {"lora": [as_task_vector(sd, factors) for factors in lora]}
-    if full_rows is None:
-        updates = {"full": [{k: (v.float() - sd[k].float()) for k, v in state.items() if sd[k].is_floating_point()}
-                            for state in finetuned]} | updates
-    rows = [] if full_rows is None else full_rows.to_dict("records")
-    for update, vectors in updates.items():
-        rows += compose(update, encoder, sd, vectors, tasks, [h for _, h, _ in test], list(val),
-                        [d for _, _, d in test], lambdas, negation_lam, settings, images, batch_size)
-    return pd.DataFrame(rows, columns=COLUMNS)
+    composed = compose(update, encoder, sd, vectors, tasks, [h for _, h, _ in test], list(val),
+                       [d for _, _, d in test], lambdas, negation_lam, settings, images, batch_size)
+    return pd.DataFrame(composed, columns=COLUMNS)

@@ -97,7 +97,7 @@ def test_code_edits_rerun_exactly_the_jobs_that_import_them(micro_run: Path, tmp
     streaming_users = {  # merges that stream the store, everything that runs one of them, the routes' evaluation
         "merge_task_vectors", "lambda_search", "task_negation", "evaluate_merged", "analysis_sensitivity",
         "analysis_surrogate", "analysis_robustness_run", "analysis_robustness", "analysis_unseen_run",
-        "analysis_unseen", "analysis_pem", "report",
+        "analysis_unseen", "analysis_pem_lora", "analysis_pem", "report",
     }
     assert edited("pipeline/store/streaming.py") == streaming_users
     assert edited("pipeline/report.py") == {"report"}
@@ -132,7 +132,7 @@ def test_adding_a_task_reruns_only_its_jobs_and_the_whole_set_jobs(micro_run: Pa
         # analyses over the whole task set; the unseen-task split (the last two tasks) moves;
         # the robustness merge (the first four tasks) is unchanged
         "analysis_sensitivity": 1, "analysis_coefficients": 1, "analysis_distances": 1,
-        "analysis_surrogate": 1, "analysis_unseen": 1, "lora_finetune": 1, "analysis_pem": 1,
+        "analysis_surrogate": 1, "analysis_unseen": 1, "lora_finetune": 1, "analysis_pem_lora": 1, "analysis_pem": 1,
         "analysis_unseen_run": 1 + len(cfg["analysis"]["unseen"]["variants"]),  # baselines + AdaMerging
         "report": 1, "all": 1,
     }

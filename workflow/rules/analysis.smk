@@ -359,6 +359,44 @@ if SYNTHETIC:
             "--pretrained {input.pretrained:q} --head {input.head:q} --data {input.data:q} "
             "--settings {params.settings:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
+    # the LoRA rows: a job of their own, which runs as soon as the LoRA modules exist
+    rule analysis_pem_lora:
+        input:
+            pretrained=f"{MODELS}/pretrained.safetensors",
+            lora=expand(f"{MODELS}/lora/{{t}}.safetensors", t=TASKS),
+            heads=heads(TASKS),
+            data=task_data(TASKS, "test", "val"),
+        output:
+            f"{AN}/pem_lora.parquet",
+        log:
+            f"{LOGS}/analysis/pem_lora.log",
+        benchmark:
+            f"{BENCH}/analysis/pem_lora.tsv"
+        priority: 20
+        conda:
+            ENV
+        threads: THREADS
+        resources:
+            mem_mb=8000,
+            runtime=120,
+        params:
+            data=data_args(TASKS),
+            zoo=zoo_json(),
+            tasks=TASKS,
+            grid=json.dumps(config["merging"]["lambda_grid"], sort_keys=True),
+            negation=config["merging"]["task_negation"]["lam"],
+            adamerging=adamerging_settings("pem"),
+            max_images=analysis_max_images("pem"),
+            batch=config["evaluation"]["batch_size"],
+            code=code_version("analysis-pem-lora"),
+        shell:
+            "adamerge analysis-pem-lora --zoo {params.zoo:q} --pretrained {input.pretrained:q} "
+            "--tasks {params.tasks:q} --lora {input.lora:q} "
+            "--heads {input.heads:q} --data {params.data:q} --grid {params.grid:q} "
+            "--negation-lam {params.negation:q} --adamerging {params.adamerging:q} "
+            "--max-images {params.max_images:q} --batch-size {params.batch:q} "
+            "--out {output:q} --threads {threads} > {log:q} 2>&1"
+
     # the full fine-tuning rows: the main table's evaluations if it ran the same compositions,
     # else computed from the fine-tuned models
     PEM_FULL = pem_main_files() or {"finetuned": finetuned(TASKS)}
@@ -367,7 +405,7 @@ if SYNTHETIC:
         input:
             **PEM_FULL,
             pretrained=f"{MODELS}/pretrained.safetensors",
-            lora=expand(f"{MODELS}/lora/{{t}}.safetensors", t=TASKS),
+            lora_rows=f"{AN}/pem_lora.parquet",
             heads=heads(TASKS),
             data=task_data(TASKS, "test", "val"),
         output:
@@ -399,7 +437,7 @@ if SYNTHETIC:
             code=code_version("analysis-pem"),
         shell:
             "adamerge analysis-pem --zoo {params.zoo:q} --pretrained {input.pretrained:q} "
-            "--tasks {params.tasks:q} {params.full:q} --lora {input.lora:q} "
+            "--tasks {params.tasks:q} {params.full:q} --lora-rows {input.lora_rows:q} "
             "--heads {input.heads:q} --data {params.data:q} --grid {params.grid:q} "
             "--negation-lam {params.negation:q} --adamerging {params.adamerging:q} "
             "--max-images {params.max_images:q} --batch-size {params.batch:q} "

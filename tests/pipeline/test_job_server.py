@@ -114,10 +114,10 @@ def test_killing_the_job_kills_its_worker(server, tmp_path, kill):
     address, log, _ = server
     zoo = ZOO | {"synthetic": {"pretrain": {"corpus": 4000, "steps": 100000, "batch_size": 64, "lr": 1e-3,
                                             "weight_decay": 0.1, "warmup": 1}}}
+    before = set(_worker_pids(log))  # before the client starts: a warm server logs its worker at once
     proc = adamerge(["pretrain", "--zoo", json.dumps(zoo), "--out", str(tmp_path / "p.safetensors"),
                      "--tokenizer", str(tmp_path / "tok.json"), "--threads", "1"],
                     environ(**{job_server.ENV: str(address)}))
-    before = set(_worker_pids(log))
     deadline = time.monotonic() + 30
     while not set(_worker_pids(log)) - before and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -60,10 +60,7 @@ def main() -> None:
         parent = subprocess.Popen(["sleep", "3600"])
         log = (work / "server.log").open("w")
         start = time.perf_counter()
-        server = subprocess.Popen([sys.executable, "-m", "pipeline", "job-server", "--address", str(address),
-                                   "--parent-pid", str(parent.pid), "--threads", "1"],
-                                  env=env | job_server.SERVER_ENV | {job_server.ENV: str(address)},
-                                  stdout=log, stderr=subprocess.STDOUT)
+        server = job_server.start(str(address), parent.pid, env, log)
         while "imports done" not in (work / "server.log").read_text():
             time.sleep(0.05)
         server_start = time.perf_counter() - start

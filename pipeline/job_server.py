@@ -28,6 +28,7 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -128,6 +129,16 @@ def delegate(argv: Sequence[str]) -> int | None:
 
 # ---------------------------------------------------------------- server
 
+def start(address: str, parent_pid: int, env: dict[str, str], log) -> subprocess.Popen:
+    """Start ``adamerge job-server`` on ``address`` in ``env`` (with the server's own variables
+    and ``ADAMERGE_JOB_SERVER``), its output into the open file ``log``, in a session of its
+    own (a terminal's Ctrl-C reaches Snakemake and the clients, which forward it)."""
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "job-server", "--address", str(address),
+                             "--parent-pid", str(parent_pid), "--threads", "1"],
+                            env=env | {ENV: str(address)} | SERVER_ENV, stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def _native_threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
@@ -175,11 +186,10 @@ def _serve_one(conn: socket.socket, server_env: dict[str, str], set_by_imports: 
     request, fds = _recv(conn, with_fds=True)
     if request is None or len(fds) != 3:
         return
-    differs = env_mismatch(request["env"], server_env)
     if request["identity"] != identity():
         _send(conn, {"refused": f"the server runs {identity()}, the job {request['identity']}"})
         return
-    if differs:
+    if differs := env_mismatch(request["env"], server_env):
         _send(conn, {"refused": f"environment variables differ from the server's: {', '.join(differs[:5])}"})
         return
     pid = os.fork()

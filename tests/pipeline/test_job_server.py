@@ -33,11 +33,8 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
     address, log = tmp / "jobs.sock", tmp / "server.log"
     parent = subprocess.Popen(["sleep", "600"])
-    env = environ(**{job_server.ENV: str(address)})
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "job-server", "--address", str(address),
-                                 "--parent-pid", str(parent.pid), "--threads", "1"],
-                                env=env | job_server.SERVER_ENV, stdout=out, stderr=subprocess.STDOUT)
+        proc = job_server.start(str(address), parent.pid, environ(), out)
     deadline = time.monotonic() + 60
     while "imports done" not in log.read_text() and time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()
@@ -139,15 +136,14 @@ def test_no_server_means_a_fresh_process(tmp_path):
 def test_the_server_exits_with_its_parent(tmp_path):
     address = tmp_path / "s.sock"
     parent = subprocess.Popen(["sleep", "600"])
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "job-server", "--address", str(address),
-                             "--parent-pid", str(parent.pid), "--threads", "1"],
-                            env=environ() | job_server.SERVER_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        proc = job_server.start(str(address), parent.pid, environ(), out)
     deadline = time.monotonic() + 30
     while not address.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert address.exists()
     parent.kill()
     parent.wait()  # not a zombie: the server polls whether its parent exists
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "0 jobs served" in out and not address.exists()
+    proc.wait(timeout=60)
+    assert proc.returncode == 0 and "0 jobs served" in log.read_text() and not address.exists()

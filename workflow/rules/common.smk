@@ -2,7 +2,6 @@ import functools
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -104,18 +103,10 @@ def start_job_server():
     address = Path(tempfile.mkdtemp(prefix="adamerge-")) / "jobs.sock"
     # the environment of a job's shell (shell.prefix above), so that jobs match the server's
     pythonpath = f"{workflow.basedir}:{os.environ.get('PYTHONPATH', '')}"
-    env = os.environ | {"PYTHONPATH": pythonpath, job_server.ENV: str(address)}
+    env = os.environ | {"PYTHONPATH": pythonpath}
     Path(LOGS).mkdir(parents=True, exist_ok=True)
     with open(f"{LOGS}/job_server.log", "w") as log:
-        subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "job-server", "--address", str(address)]
-            + ["--parent-pid", str(os.getpid()), "--threads", "1"],
-            env=env | job_server.SERVER_ENV,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        job_server.start(str(address), os.getpid(), env, log)
     deadline = time.monotonic() + 30
     while not address.exists() and time.monotonic() < deadline:
         time.sleep(0.05)

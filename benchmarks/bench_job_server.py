@@ -31,7 +31,7 @@ ZOO = {"arch": "synth-vit-tiny", "name": "bench", "seed": 0, "source": "syntheti
 def run_jobs(n: int, env: dict[str, str], work: Path) -> tuple[float, float]:
     """Mean wall and CPU seconds (the job's process tree; a served job's worker reports its
     own CPU in its usage line, summed in here) of ``n`` task-data jobs."""
-    from pipeline.cli import USAGE_LINE
+    from pipeline.job_usage import USAGE_LINE
 
     walls, cpus = [], []
     for i in range(n):

@@ -9,7 +9,8 @@ function's typed signature, so an argument is defined once, in that signature:
     list[X]   -> --name V1 V2 ...      (optional when the parameter has a default)
 
 Every verb also takes ``--threads`` (torch's intra-op threads). Only the module of the verb
-that runs is imported.
+that runs is imported. ``job-server --address SOCKET --parent-pid PID`` is the workflow's
+own: the warm process that runs local jobs (:mod:`pipeline.job_server`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import inspect
 import json
 import logging
 import os
-import re
-import resource
 import sys
 import typing
 from collections.abc import Callable
+
+from pipeline import job_usage
 
 # verb -> module of pipeline.commands that defines it (function: the verb with "_" for "-")
 COMMANDS = {
@@ -55,7 +56,6 @@ COMMANDS = {
     "analysis-unseen-table": "analysis_unseen",
     "analysis-pem-lora": "analysis_pem",
     "analysis-pem": "analysis_pem",
-    "job-server": "job_server",
 }
 
 
@@ -126,13 +126,29 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("PIPELINE_IMPORT_TRANSFORMERS") != "1":
         for name in ("transformers", "timm"):
             sys.modules.setdefault(name, None)
-    if argv[:1] != ["job-server"]:
-        from pipeline import job_server
+    from pipeline import job_server
 
-        code = job_server.delegate(argv)
-        if code is not None:
-            sys.exit(code)
+    if argv[:1] == ["job-server"]:
+        serve_jobs(argv[1:])
+        return
+    code = job_server.delegate(argv)
+    if code is not None:
+        sys.exit(code)
     run(argv)
+
+
+def serve_jobs(argv: list[str]) -> None:
+    """``job-server --address SOCKET --parent-pid PID``: import every verb's module, then run
+    the jobs sent to ``SOCKET`` with :func:`run` until process ``PID`` exits."""
+    from pipeline import job_server
+
+    p = argparse.ArgumentParser(prog="python -m pipeline job-server", description=serve_jobs.__doc__)
+    p.add_argument("--address", required=True, help="the Unix socket to listen on")
+    p.add_argument("--parent-pid", type=int, required=True, help="serve until this process exits")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    modules = (*job_server.PRELOAD, *(f"pipeline.commands.{m}" for m in sorted(set(COMMANDS.values()))))
+    job_server.serve(args.address, args.parent_pid, run, modules)
 
 
 def run(argv: list[str]) -> None:
@@ -147,17 +163,4 @@ def run(argv: list[str]) -> None:
     try:
         fn(**args)
     finally:
-        log_usage()
-
-
-USAGE = "job usage: cpu {cpu:.1f} s, peak RSS {rss_mb:.0f} MB"
-USAGE_LINE = re.compile(r"job usage: cpu ([\d.]+) s, peak RSS ([\d.]+) MB")
-
-
-def log_usage() -> None:
-    """Log this process's CPU time and peak resident memory (its children's included), exact
-    where Snakemake's benchmark samples every 30 s; the report reads the line
-    (:func:`pipeline.report.logged_usage`)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-    logging.getLogger(__name__).info(USAGE.format(cpu=cpu, rss_mb=max(own.ru_maxrss, children.ru_maxrss) / 1024))
+        job_usage.log_usage()

@@ -134,7 +134,7 @@ def start(address: str, parent_pid: int, env: dict[str, str], log) -> subprocess
     and ``ADAMERGE_JOB_SERVER``), its output into the open file ``log``, in a session of its
     own (a terminal's Ctrl-C reaches Snakemake and the clients, which forward it)."""
     return subprocess.Popen([sys.executable, "-m", "pipeline", "job-server", "--address", str(address),
-                             "--parent-pid", str(parent_pid), "--threads", "1"],
+                             "--parent-pid", str(parent_pid)],
                             env=env | {ENV: str(address)} | SERVER_ENV, stdin=subprocess.DEVNULL, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -213,9 +213,10 @@ def _serve_one(conn: socket.socket, server_env: dict[str, str], set_by_imports: 
             return
 
 
-def serve(address: str, parent_pid: int, preload: Sequence[str] = PRELOAD) -> None:
-    """Listen on the Unix socket ``address`` until process ``parent_pid`` (Snakemake) exits;
-    jobs that connect before the imports finish wait in the backlog."""
+def serve(address: str, parent_pid: int, run: Callable[[list[str]], None], preload: Sequence[str]) -> None:
+    """Import ``preload``, then run each job's argv with ``run`` in a forked worker, listening
+    on the Unix socket ``address`` until process ``parent_pid`` (Snakemake) exits; jobs that
+    connect before the imports finish wait in the backlog."""
     path = Path(address)
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -223,9 +224,7 @@ def serve(address: str, parent_pid: int, preload: Sequence[str] = PRELOAD) -> No
     listener.listen(128)
     try:
         start, start_env = time.perf_counter(), dict(os.environ)
-        from pipeline import cli
-
-        for module in (*preload, *(f"pipeline.commands.{m}" for m in sorted(set(cli.COMMANDS.values())))):
+        for module in preload:
             importlib.import_module(module)
         log.info("job server on %s: imports done in %.1f s", address, time.perf_counter() - start)
         if _native_threads() != 1:
@@ -245,7 +244,7 @@ def serve(address: str, parent_pid: int, preload: Sequence[str] = PRELOAD) -> No
             if os.fork() == 0:
                 listener.close()
                 try:
-                    _serve_one(conn, start_env, set_by_imports, cli.run)
+                    _serve_one(conn, start_env, set_by_imports, run)
                 finally:
                     os._exit(0)
             conn.close()

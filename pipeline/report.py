@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from pipeline.analysis import claims
-from pipeline.cli import USAGE_LINE
+from pipeline.job_usage import logged_usage
 from pipeline.merging import registry
 
 MODEL_ORDER = ["zeroshot", "individual", *registry.table_rows()]
@@ -62,7 +62,7 @@ def accuracy_table(evals: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
 
 def stage_timings(benchmarks: list[str], log_dir: Path | None = None) -> pd.DataFrame:
     """Wall time and peak memory per stage from Snakemake's benchmark files; the peak memory
-    from each job's own usage line (:func:`logged_usage`) where its log under ``log_dir``
+    from each job's own usage line (:func:`pipeline.job_usage.logged_usage`) where its log under ``log_dir``
     (``{log_dir}/{stage}/{job}.log`` beside ``{stage}/{job}.tsv``) has one: exact where the
     benchmark samples every 30 s, and the job's own where it ran in the job server."""
     rows = []
@@ -77,18 +77,6 @@ def stage_timings(benchmarks: list[str], log_dir: Path | None = None) -> pd.Data
     df = pd.DataFrame(rows)
     return df.groupby("stage").agg(jobs=("job", "count"), seconds=("seconds", "sum"),
                                    max_rss_mb=("max_rss_mb", "max")).reset_index().astype({"jobs": str})
-
-
-def logged_usage(log: Path) -> dict[str, float] | None:
-    """The CPU seconds and peak RSS (MB) of the last usage line of a job's log
-    (:func:`pipeline.cli.log_usage`), None without a log or line."""
-    if not log.is_file():
-        return None
-    with log.open("rb") as f:
-        f.seek(max(0, log.stat().st_size - 4096))
-        tail = f.read().decode(errors="replace")
-    found = USAGE_LINE.findall(tail)
-    return {"cpu_s": float(found[-1][0]), "rss_mb": float(found[-1][1])} if found else None
 
 
 def zoo_checks(table: pd.DataFrame, tasks: list[str], chance: dict[str, float]) -> list[tuple[str, bool]]:

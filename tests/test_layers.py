@@ -11,11 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top. A module may import its own layer and the layers of lower levels, nothing of
 # its level's other layers nor above: kernels | io | provenance | config_checks | functional |
-# the package's __init__ < models | hub < data | store < zoo | evaluation < merging < analysis < report <
+# job_server | job_usage | the package's __init__ < models | hub < data | store < zoo | evaluation < merging < analysis < report <
 # commands < cli < __main__ (data and store are independent of each other, so are zoo and
 # evaluation; docs/architecture.md shows the same table).
 LEVELS = [
-    ("kernels", "pipeline.io", "pipeline.provenance", "pipeline.config_checks", "pipeline.functional", "pipeline"),
+    ("kernels", "pipeline.io", "pipeline.provenance", "pipeline.config_checks", "pipeline.functional",
+     "pipeline.job_server", "pipeline.job_usage", "pipeline"),
     ("pipeline.models", "pipeline.hub"),
     ("pipeline.data", "pipeline.store"),
     ("pipeline.zoo", "pipeline.evaluation"),

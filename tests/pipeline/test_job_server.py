@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline import job_server
-from pipeline.cli import USAGE_LINE
+from pipeline.job_usage import USAGE_LINE
 
 ZOO = {"arch": "synth-vit-tiny", "name": "t", "seed": 0, "source": "synthetic",
        "synthetic": {"sizes": {"train": 16, "val": 8, "test": 8},

@@ -206,8 +206,8 @@ def test_report_states_the_test_time_methods(tmp_path):
 def test_stage_memory_comes_from_the_jobs_usage_lines(tmp_path):
     """A job's own usage line (exact, and the only true figure for a job the job server ran)
     replaces the benchmark's sampled max_rss; a job without one keeps the benchmark's."""
-    from pipeline.cli import USAGE
-    from pipeline.report import logged_usage, stage_timings
+    from pipeline.job_usage import USAGE, logged_usage
+    from pipeline.report import stage_timings
 
     bench, logs = tmp_path / "benchmarks", tmp_path / "logs"
     for stage, job, rss, line in [("finetune", "a", 20.0, USAGE.format(cpu=3.0, rss_mb=900)),

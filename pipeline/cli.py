@@ -46,6 +46,7 @@ COMMANDS = {
     "adapt": "test_time",
     "evaluate": "evaluate",
     "report": "report",
+    "analysis-sensitivity-test": "analysis_sensitivity",
     "analysis-sensitivity": "analysis_sensitivity",
     "analysis-coefficients": "analysis_coefficients",
     "analysis-distances": "analysis_distances",

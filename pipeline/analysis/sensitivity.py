@@ -56,16 +56,3 @@ def plot_sensitivity(table: pd.DataFrame, path) -> None:
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     save_figure(fig, path)
 
-
-def run(val: pd.DataFrame, refs: pd.DataFrame, test: tuple | None = None, batch_size: int = 512) -> pd.DataFrame:
-    """The sensitivity table from the lambda-search rows ``val`` (validation) and the
-    reference accuracies ``refs`` (model, task, accuracy); with ``test`` = (encoder, its
-    pretrained weights, {method: merged task vector}, [(task, head, test split)]) the same
-    grid evaluated on the test split too."""
-    parts = [val]
-    if test is not None:
-        encoder, pretrained, vectors, splits = test
-        for method, grid in val.groupby("method"):
-            parts.append(test_curve(encoder, pretrained, vectors[method], sorted(grid["lambda"].unique()), splits,
-                                    method, batch_size))
-    return sensitivity_table(pd.concat(parts, ignore_index=True), refs)

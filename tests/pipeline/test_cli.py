@@ -11,9 +11,9 @@ def test_every_verb_builds_its_options_from_its_signature():
                               "--out", "o", "--tasks", "a", "b", "--budget-mib", "16"])
     assert args.zoo == {"seed": 1} and args.tasks == ["a", "b"] and args.budget_mib == 16.0
     assert args.task_vectors == [] and args.settings == {} and args._fn is cli.command("merge")
-    args = parser.parse_args(["analysis-sensitivity", "--zoo", "{}", "--pretrained", "p", "--task-vectors", "t",
-                              "--heads", "h", "--search", "s", "--out", "o", "--figure", "f", "--test"])
-    assert args.test is True and args.references == []
+    args = parser.parse_args(["analysis-sensitivity", "--search", "s", "--out", "o", "--figure", "f",
+                              "--test-curves", "a", "b"])
+    assert args.test_curves == ["a", "b"] and args.references == []
     args = parser.parse_args(["analysis-surrogate", "--zoo", "{}", "--pretrained", "p", "--task-vectors", "t",
                               "--heads", "h", "--lambdas", "0.1", "0.3", "--out", "o", "--figure", "f",
                               "--spearman-out", "s"])

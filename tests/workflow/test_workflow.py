@@ -95,9 +95,9 @@ def test_code_edits_rerun_exactly_the_jobs_that_import_them(micro_run: Path, tmp
     proc = snakemake("-n", "--nolock", "--cores", "2", "--configfile", "config/micro.yaml", cwd=micro_run, repo=clone)
     assert "Nothing to be done" in proc.stdout + proc.stderr  # the copy's code versions are the project's
     streaming_users = {  # merges that stream the store, everything that runs one of them, the routes' evaluation
-        "merge_task_vectors", "lambda_search", "task_negation", "evaluate_merged", "analysis_sensitivity",
-        "analysis_surrogate", "analysis_robustness_run", "analysis_robustness", "analysis_unseen_run",
-        "analysis_unseen", "analysis_pem_lora", "analysis_pem", "report",
+        "merge_task_vectors", "lambda_search", "task_negation", "evaluate_merged", "analysis_sensitivity_test",
+        "analysis_surrogate", "analysis_robustness_run", "analysis_robustness", "analysis_unseen_run", "analysis_unseen",
+        "analysis_pem_lora", "analysis_pem", "report",
     }
     assert edited("pipeline/store/streaming.py") == streaming_users
     assert edited("pipeline/report.py") == {"report"}
@@ -131,6 +131,7 @@ def test_adding_a_task_reruns_only_its_jobs_and_the_whole_set_jobs(micro_run: Pa
         "adamerging": 4, "evaluate_adamerging": 4, **{m: 1 for m in test_time}, "evaluate_test_time": len(test_time),
         # analyses over the whole task set; the unseen-task split (the last two tasks) moves;
         # the robustness merge (the first four tasks) is unchanged
+        "analysis_sensitivity_test": 2,  # Task Arithmetic and TIES: analysis.sensitivity.methods' default
         "analysis_sensitivity": 1, "analysis_coefficients": 1, "analysis_distances": 1,
         "analysis_surrogate": 1, "analysis_unseen": 1, "lora_finetune": 1, "analysis_pem_lora": 1, "analysis_pem": 1,
         "analysis_unseen_run": 1 + len(cfg["analysis"]["unseen"]["variants"]),  # baselines + AdaMerging

@@ -11,13 +11,52 @@ UNSEEN_VARIANTS = analysis_cfg("unseen")["variants"]
 SENSITIVITY_METHODS = sensitivity_methods()
 
 
-rule analysis_sensitivity:
+# the test curve of each method: its merge and a test evaluation per lambda, run as soon as the
+# task vectors exist (the validation curves come with the lambda searches)
+rule analysis_sensitivity_test:
     input:
         pretrained=f"{MODELS}/pretrained.safetensors",
         store=task_vectors(TASKS),
         heads=heads(TASKS),
-        data=task_data(TASKS),
+        data=task_data(TASKS, "test"),
+    output:
+        f"{AN}/sensitivity/{{method}}_test.parquet",
+    log:
+        f"{LOGS}/analysis/sensitivity_{{method}}_test.log",
+    benchmark:
+        f"{BENCH}/analysis/sensitivity_{{method}}_test.tsv"
+    wildcard_constraints:
+        method="|".join(SENSITIVITY_METHODS),
+    conda:
+        ENV
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        budget=config["merging"]["budget_mib"],
+        data=data_args(TASKS),
+        zoo=zoo_json(),
+        settings=lambda wc: merge_settings(wc.method),
+        grid=json.dumps(config["merging"]["lambda_grid"], sort_keys=True),
+        batch=config["evaluation"]["batch_size"],
+        code=lambda wc: code_version("analysis-sensitivity-test", wc.method),
+    shell:
+        "adamerge analysis-sensitivity-test --zoo {params.zoo:q} --method {wildcards.method:q} "
+        "--pretrained {input.pretrained:q} --task-vectors {input.store:q} --heads {input.heads:q} "
+        "--data {params.data:q} --settings {params.settings:q} --grid {params.grid:q} "
+        "--batch-size {params.batch:q} --budget-mib {params.budget:q} --out {output:q} "
+        "--threads {threads} > {log:q} 2>&1"
+
+
+rule analysis_sensitivity:
+    input:
         search=expand(f"{RESULTS}/lambda_search/{{m}}.parquet", m=SENSITIVITY_METHODS),
+        test=(
+            expand(f"{AN}/sensitivity/{{m}}_test.parquet", m=SENSITIVITY_METHODS)
+            if analysis_cfg("sensitivity")["test"]
+            else []
+        ),
         references=[
             f"{RESULTS}/eval/adamerging_{v}.parquet" for v in ADAMERGING_VARIANTS
         ]
@@ -36,25 +75,16 @@ rule analysis_sensitivity:
     priority: 10
     conda:
         ENV
-    threads: THREADS
+    threads: 1
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=2000,
+        runtime=10,
     params:
-        budget=config["merging"]["budget_mib"],
-        data=data_args(TASKS),
-        zoo=zoo_json(),
-        settings=json.dumps(
-            {m: json.loads(merge_settings(m)) for m in SENSITIVITY_METHODS}
-        ),
-        test=["--test"] if analysis_cfg("sensitivity")["test"] else [],
-        batch=config["evaluation"]["batch_size"],
-        code=code_version("analysis-sensitivity", *SENSITIVITY_METHODS),
+        test=lambda wc, input: ["--test-curves", *input.test] if input.test else [],
+        code=code_version("analysis-sensitivity"),
     shell:
-        "adamerge analysis-sensitivity --budget-mib {params.budget:q} --zoo {params.zoo:q} --pretrained {input.pretrained:q} "
-        "--task-vectors {input.store:q} --heads {input.heads:q} --data {params.data:q} --search {input.search:q} "
-        "--references {input.references:q} --settings {params.settings:q} {params.test:q} "
-        "--batch-size {params.batch:q} --out {output.table:q} --figure {output.figure:q} "
+        "adamerge analysis-sensitivity --search {input.search:q} {params.test:q} "
+        "--references {input.references:q} --out {output.table:q} --figure {output.figure:q} "
         "--threads {threads} > {log:q} 2>&1"
 
 

@@ -94,15 +94,13 @@ def test_analyses_stream_within_the_given_budget(fake_zoo, tmp_path):
     common = [*base, "--task-vectors", *[str(tmp_path / "tv.zarr" / t) for t in tasks],
               "--heads", *[str(root / f"{t}.head.safetensors") for t in tasks],
               "--data", *[str(root / f"{t}.npz") for t in tasks], "--budget-mib", str(10 / 1024)]
-    pd.DataFrame([{"method": "task_arithmetic", "lambda": 0.5, "task": t, "split": "val", "accuracy": 50.0}
-                  for t in tasks]).to_parquet(tmp_path / "search.parquet")
     out = ["--out", str(tmp_path / "out.parquet")]
     lambdas = ["--lambdas", json.dumps({"task_arithmetic": 0.3, "ties_merging": 0.3}), "--ties", '{"k": 20}']
     verbs = [
         ["analysis-surrogate", "--lambdas", "0.3", "--figure", str(tmp_path / "f.png"),
          "--spearman-out", str(tmp_path / "s.parquet"), *out],
-        ["analysis-sensitivity", "--search", str(tmp_path / "search.parquet"), "--test",
-         "--figure", str(tmp_path / "f.png"), *out],
+        ["analysis-sensitivity-test", "--method", "task_arithmetic", "--grid", '{"start": 0, "stop": 1, "step": 0.5}',
+         *out],
         ["analysis-unseen", "--variant", "baselines", "--tasks", *tasks, "--seen", "colour", "--unseen", "border",
          *lambdas, *out],
         ["analysis-robustness", "--finetuned", *[str(root / f"{t}.safetensors") for t in tasks],
@@ -111,4 +109,13 @@ def test_analyses_stream_within_the_given_budget(fake_zoo, tmp_path):
     for verb in verbs:
         with pytest.raises(ValueError, match=r"takes 19\.2 KiB, more than half the memory budget of 10 KiB"):
             main([verb[0], *common, *verb[1:]])
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_sensitivity_test_curve_refuses_a_method_without_a_lambda(tmp_path):
+    from pipeline.commands.analysis_sensitivity import analysis_sensitivity_test
+
+    with pytest.raises(ValueError, match="weight_averaging has no searched lambda; searched: .*task_arithmetic"):
+        analysis_sensitivity_test({}, "weight_averaging", "p", [], [], {"start": 0, "stop": 1, "step": 0.5},
+                                  str(tmp_path / "out.parquet"))
     assert not (tmp_path / "out.parquet").exists()

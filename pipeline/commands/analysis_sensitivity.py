@@ -7,9 +7,9 @@ import pandas as pd
 from pipeline.analysis.common import write_parquet
 from pipeline.analysis.sensitivity import plot_sensitivity, sensitivity_table, test_curve
 from pipeline.commands.loading import open_store, task_splits
-from pipeline.merging import registry
 from pipeline.merging.contract import Inputs, default_device
 from pipeline.merging.lambda_search import grid as lambda_grid
+from pipeline.merging.lambda_search import searched_method
 
 
 def analysis_sensitivity_test(zoo: dict, method: str, pretrained: str, task_vectors: list[str], heads: list[str],
@@ -18,10 +18,7 @@ def analysis_sensitivity_test(zoo: dict, method: str, pretrained: str, task_vect
     """The test curve of a searched ``method``: per task test accuracy of its merge at every
     lambda of ``grid`` (start, stop, step; the lambda search's grid), the store streamed
     within ``budget_mib``."""
-    spec = registry.method(method)
-    if not spec.searched:
-        raise ValueError(f"analysis-sensitivity-test: {method} has no searched lambda; searched: "
-                         f"{registry.names(searched=True)}")
+    spec = searched_method("analysis-sensitivity-test", method)
     encoder, state, store = open_store(zoo, pretrained, task_vectors)
     vector = spec.run(Inputs(state, store.tasks, store, device=default_device(), budget_mib=budget_mib,
                              arch=zoo["arch"]), spec.configure(settings)).vector()

@@ -9,10 +9,9 @@ import pandas as pd
 
 from pipeline.commands.loading import open_store, task_splits
 from pipeline.io import write_json, write_parquet
-from pipeline.merging import registry
 from pipeline.merging.contract import Inputs, apply_vector, default_device
 from pipeline.merging.lambda_search import grid as lambda_grid
-from pipeline.merging.lambda_search import search
+from pipeline.merging.lambda_search import search, searched_method
 from pipeline.models.checkpoints import save_state_dict
 
 log = logging.getLogger(__name__)
@@ -23,10 +22,7 @@ def lambda_search(zoo: dict, method: str, pretrained: str, task_vectors: list[st
                   batch_size: int = 512, budget_mib: float = 1024) -> None:
     """Merge with a searched method at every lambda of ``grid`` (start, stop, step), keep each
     one's validation accuracy and write the best one's encoder."""
-    spec = registry.method(method)
-    if not spec.searched:
-        raise ValueError(f"lambda-search: {method} has no searched lambda; searched: "
-                         f"{registry.names(searched=True)}")
+    spec = searched_method("lambda-search", method)
     encoder, state, store = open_store(zoo, pretrained, task_vectors)
     config, lambdas = spec.configure(settings), lambda_grid(**grid)
     vector = spec.run(Inputs(state, store.tasks, store, device=default_device(), budget_mib=budget_mib,

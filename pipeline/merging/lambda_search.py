@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from pipeline.evaluation import accuracy
-from pipeline.merging.contract import apply_vector
+from pipeline.merging import registry
+from pipeline.merging.contract import Method, apply_vector
 
 
 def grid(start: float, stop: float, step: float) -> list[float]:
@@ -23,6 +24,15 @@ def grid(start: float, stop: float, step: float) -> list[float]:
     if step <= 0 or stop < start:
         raise ValueError(f"lambda grid needs step > 0 and stop >= start, got {start}..{stop} step {step}")
     return [round(start + i * step, 10) for i in range(int(round((stop - start) / step)) + 1)]
+
+
+def searched_method(verb: str, method: str) -> Method:
+    """The registry entry of ``method`` if its lambda is searched; any other method is refused,
+    the error naming ``verb`` and the searched methods."""
+    spec = registry.method(method)
+    if not spec.searched:
+        raise ValueError(f"{verb}: {method} has no searched lambda; searched: {registry.names(searched=True)}")
+    return spec
 
 
 def search(encoder: nn.Module, pretrained: Mapping[str, torch.Tensor], vector: Mapping[str, torch.Tensor],

@@ -52,6 +52,8 @@ STORE_MERGES = registry.names(
     registry.STORE, searched=None if FIXED_LAMBDA else False
 )  # one streamed pass over the store
 SEARCH_METHODS = registry.names(searched=True)  # lambda searched on validation data
+# --grid of the lambda searches and the sensitivity test curves
+LAMBDA_GRID = json.dumps(config["merging"]["lambda_grid"], sort_keys=True)
 DATA_METHODS = registry.names(
     registry.MODELS_AND_TRAIN
 )  # fine-tuned models and training examples

@@ -70,7 +70,7 @@ rule lambda_search:
         data=data_args(TASKS),
         zoo=zoo_json(),
         settings=lambda wc: merge_settings(wc.method),
-        grid=json.dumps(config["merging"]["lambda_grid"], sort_keys=True),
+        grid=LAMBDA_GRID,
         batch=config["evaluation"]["batch_size"],
         budget=config["merging"]["budget_mib"],
         code=lambda wc: code_version("lambda-search", wc.method),
